@@ -1,0 +1,334 @@
+"""Name -> constructor for every VolumeVLM part, so one YAML line swaps an encoder, perceiver, fusion or LLM.
+
+    cfg = components.config.load(VLMConfig, "components/models/presets/tiny.yaml")
+    model = build_vlm(cfg)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.config import ConfigError, from_dict, to_dict
+from components.models.config import EncoderSpec, FusionSpec, LLMSpec, PerceiverSpec, VLMConfig
+from components.models.encoders import dcformer, slice2d, vit3d
+from components.models.perceivers import (AvgPoolPerceiver, Conv3dPerceiver, DualStreamMixerPerceiver,
+                                          GlobalQFormerPerceiver, LinearPerceiver, LocalQFormerPerceiver,
+                                          MaxPoolPerceiver, MLP2xPerceiver, MLPMixerPerceiver, Perceiver,
+                                          SpatialPoolMLPPerceiver, TGISFusion)
+
+__all__ = ["ENCODERS", "PERCEIVERS", "register_encoder", "register_perceiver", "build_encoder", "encoder_stages",
+           "encoder_volume_size", "build_perceiver", "build_fusion", "build_llm", "build_llm_config",
+           "build_tokenizer", "build_vlm", "resolve_path", "load_weights"]
+
+Grid = tuple[int, int, int]
+
+
+# --------------------------------------------------------------------------- encoders
+@dataclasses.dataclass
+class EncoderFamily:
+    config_cls: type | None
+    presets: dict[str, Any]
+    build: Callable[[Any], nn.Module]
+
+
+ENCODERS: dict[str, EncoderFamily] = {
+    "vit3d": EncoderFamily(vit3d.ViT3DConfig, vit3d.PRESETS, vit3d.build_vit3d),
+    "dcformer": EncoderFamily(dcformer.DCFormerConfig, dcformer.PRESETS, dcformer.build_dcformer),
+    "slice2d": EncoderFamily(slice2d.Slice2DConfig, slice2d.PRESETS, slice2d.build_slice2d),
+}
+
+
+def register_encoder(name: str, build: Callable[[dict], nn.Module], config_cls: type | None = None,
+                     presets: dict[str, Any] | None = None) -> None:
+    """Add an encoder family. ``build`` receives a config object (``config_cls``) or, without one, the
+    merged preset + overrides mapping."""
+    ENCODERS[name] = EncoderFamily(config_cls, dict(presets or {}), build)
+
+
+def _family_of_preset(name: str) -> str | None:
+    for family, entry in ENCODERS.items():
+        if name in entry.presets:
+            return family
+    return None
+
+
+def _encoder_config(spec: EncoderSpec):
+    name, preset = spec.name, spec.preset
+    if name not in ENCODERS:
+        family = _family_of_preset(name)
+        if family is None or preset is not None:
+            raise ConfigError(f"encoder name {name!r} is unknown (families: {', '.join(ENCODERS)})")
+        name, preset = family, spec.name
+    family = ENCODERS[name]
+    if preset is not None and preset not in family.presets:
+        raise ConfigError(f"encoder preset {preset!r} is not a {name} preset (known: {', '.join(family.presets)})")
+    base = family.presets[preset] if preset is not None else None
+    data = to_dict(base) if dataclasses.is_dataclass(base) else dict(base or {})
+    data.update(spec.overrides)
+    return family, (from_dict(family.config_cls, data) if family.config_cls is not None else data)
+
+
+def build_encoder(spec: EncoderSpec | str | dict, load_checkpoint: bool = True) -> nn.Module:
+    """An encoder from a spec, a family/preset name (``"e3d_vit"``) or a mapping of EncoderSpec fields."""
+    if isinstance(spec, str):
+        spec = EncoderSpec(name=spec)
+    elif isinstance(spec, dict):
+        spec = from_dict(EncoderSpec, spec)
+    family, cfg = _encoder_config(spec)
+    encoder = family.build(cfg)
+    if spec.checkpoint and load_checkpoint:
+        load_weights(encoder, spec.checkpoint)
+    return encoder
+
+
+def encoder_volume_size(encoder: nn.Module) -> tuple[int, int, int] | None:
+    """The (D, H, W) input the encoder was built for, when it records one."""
+    size = getattr(encoder, "volume_size", None) or getattr(getattr(encoder, "config", None), "volume_size", None)
+    return tuple(size) if size is not None else None
+
+
+def encoder_stages(encoder: nn.Module) -> list[tuple[int, Grid]]:
+    """(width, grid) of each stage the encoder reports, coarsest last."""
+    dims = list(getattr(encoder, "stage_dims", None) or [encoder.out_dim])
+    grids = list(getattr(encoder, "stage_grids", None) or [encoder.grid])
+    if len(dims) != len(grids):
+        raise ValueError(f"encoder reports {len(dims)} stage widths but {len(grids)} stage grids")
+    return [(int(d), tuple(g)) for d, g in zip(dims, grids)]
+
+
+def _strip_common_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+    if set(state) == wanted:
+        return state
+    for key in state:  # find a prefix such as "encoder." that, removed, gives the module's keys
+        for i in range(len(key)):
+            if key[i] != "." or key[i + 1:] not in wanted:
+                continue
+            prefix = key[:i + 1]
+            stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if set(stripped) == wanted:
+                return stripped
+    return state
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors state dict (file, or a directory with exactly one) into ``module``, strictly."""
+    from safetensors.torch import load_file
+
+    path = Path(resolve_path(str(path)))
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{path}: expected exactly one .safetensors file, found {len(files)}")
+        path = files[0]
+    state = load_file(str(path))
+    wanted = set(module.state_dict())
+    module.load_state_dict(_strip_common_prefix(state, wanted), strict=True)
+
+
+# --------------------------------------------------------------------------- perceivers
+def _p_conv3d(s, i, o, g, st):
+    return Conv3dPerceiver(i, o, g, k=s.k)
+
+
+def _p_qformer_global(s, i, o, g, st):
+    return GlobalQFormerPerceiver(i, o, g, num_queries=s.out_tokens, hidden=s.hidden, heads=s.heads, depth=s.depth)
+
+
+def _p_qformer_local(s, i, o, g, st):
+    return LocalQFormerPerceiver(i, o, g, k=s.k, queries_per_window=s.queries_per_window, hidden=s.hidden,
+                                 heads=s.heads, depth=s.depth)
+
+
+def _p_mlp_mixer(s, i, o, g, st):
+    return MLPMixerPerceiver(i, o, g, out_tokens=s.out_tokens, depth=s.depth, mlp_depth=s.mlp_depth)
+
+
+def _p_dual_stream_mixer(s, i, o, g, st):
+    return DualStreamMixerPerceiver(o, st, low_tokens=s.low_tokens, high_tokens=s.high_tokens,
+                                    low_stage=s.low_stage, high_stage=s.high_stage, mlp_depth=s.mlp_depth)
+
+
+PERCEIVERS: dict[str, Callable[[PerceiverSpec, int, int, Grid, list], Perceiver]] = {
+    "conv3d": _p_conv3d,
+    "qformer_global": _p_qformer_global,
+    "qformer_local": _p_qformer_local,
+    "mlp_mixer": _p_mlp_mixer,
+    "dual_stream_mixer": _p_dual_stream_mixer,
+    "avg_pool": lambda s, i, o, g, st: AvgPoolPerceiver(i, o, g, k=s.k),
+    "max_pool": lambda s, i, o, g, st: MaxPoolPerceiver(i, o, g, k=s.k),
+    "spatial_pool_mlp": lambda s, i, o, g, st: SpatialPoolMLPPerceiver(i, o, g, k=s.k),
+    "linear": lambda s, i, o, g, st: LinearPerceiver(i, o, g),
+    "mlp2x": lambda s, i, o, g, st: MLP2xPerceiver(i, o, g),
+}
+
+
+def register_perceiver(name: str, build: Callable[[PerceiverSpec, int, int, Grid, list], Perceiver]) -> None:
+    """Add a perceiver: ``build(spec, in_dim, out_dim, grid, stages)``."""
+    PERCEIVERS[name] = build
+
+
+def build_perceiver(spec: PerceiverSpec | str | dict, out_dim: int, encoder: nn.Module | None = None, *,
+                    in_dim: int | None = None, grid: Grid | None = None,
+                    stages: Sequence[tuple[int, Grid]] | None = None) -> Perceiver:
+    """A perceiver for ``encoder`` (or an explicit ``in_dim`` / ``grid`` / ``stages``) projecting to ``out_dim``."""
+    if isinstance(spec, str):
+        spec = PerceiverSpec(name=spec)
+    elif isinstance(spec, dict):
+        spec = from_dict(PerceiverSpec, spec)
+    if spec.name not in PERCEIVERS:
+        raise ConfigError(f"perceiver.name: unknown perceiver {spec.name!r} (known: {', '.join(PERCEIVERS)})")
+    if encoder is not None:
+        in_dim = in_dim or encoder.out_dim
+        grid = grid or tuple(encoder.grid)
+        stages = stages or encoder_stages(encoder)
+    if in_dim is None or grid is None:
+        raise ValueError("build_perceiver needs an encoder or in_dim and grid")
+    stages = list(stages or [(in_dim, tuple(grid))])
+    try:
+        return PERCEIVERS[spec.name](spec, int(in_dim), int(out_dim), tuple(grid), stages)
+    except ValueError as e:
+        raise ConfigError(f"perceiver: {e}") from None
+
+
+# --------------------------------------------------------------------------- fusion
+def build_fusion(spec: FusionSpec | str | dict, dim: int, in_dim_2d: int) -> TGISFusion | None:
+    """The 2D/3D fusion module, or None for ``name: none`` (3D only)."""
+    if isinstance(spec, str):
+        spec = FusionSpec(name=spec)
+    elif isinstance(spec, dict):
+        spec = from_dict(FusionSpec, spec)
+    if spec.name == "none":
+        return None
+    try:
+        return TGISFusion(dim, in_dim_2d, aggregation=spec.aggregation, scoring_inputs=spec.scoring_inputs,
+                          tau=spec.tau, output=spec.output, projector_depth=spec.projector_depth,
+                          score_dropout=spec.score_dropout)
+    except ValueError as e:
+        raise ConfigError(f"fusion: {e}") from None
+
+
+# --------------------------------------------------------------------------- LLM
+def resolve_path(path: str) -> str:
+    """``pkg:<package>[/sub/path]`` -> the installed package's directory (the package is not imported)."""
+    if not path.startswith("pkg:"):
+        return os.path.expanduser(path)
+    package, _, rest = path[4:].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{path}: package {package!r} is not installed")
+    return os.path.join(list(found.submodule_search_locations)[0], rest)
+
+
+def _cache_root(spec: LLMSpec) -> Path:
+    root = spec.cache_dir or os.environ.get("RADRAY_CACHE") or "~/.cache/radray"
+    return Path(os.path.expanduser(root))
+
+
+def _dequantised_gguf(spec: LLMSpec) -> Path:
+    """Dequantise ``path/gguf_file`` once into a safetensors model + tokenizer directory and reuse it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(resolve_path(spec.path)) / spec.gguf_file
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = _cache_root(spec) / "gguf" / f"{src.stem}-{key}"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    # The weights are plain floats now; drop the GGUF marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def _model_dir(spec: LLMSpec) -> str:
+    if spec.gguf_file:
+        return str(_dequantised_gguf(spec))
+    return resolve_path(spec.path)
+
+
+def build_llm_config(spec: LLMSpec | dict):
+    """The LLM's architecture config, without loading weights where the spec allows it."""
+    from transformers import AutoConfig
+
+    if isinstance(spec, dict):
+        spec = from_dict(LLMSpec, spec)
+    if spec.config:
+        cfg = dict(spec.config)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if spec.gguf_file:
+        return AutoConfig.from_pretrained(resolve_path(spec.path), gguf_file=spec.gguf_file)
+    return AutoConfig.from_pretrained(resolve_path(spec.path), local_files_only=True)
+
+
+def build_tokenizer(spec: LLMSpec | dict):
+    from transformers import AutoTokenizer
+
+    if isinstance(spec, dict):
+        spec = from_dict(LLMSpec, spec)
+    if spec.tokenizer:
+        return AutoTokenizer.from_pretrained(resolve_path(spec.tokenizer), local_files_only=True)
+    if spec.source == "config":
+        raise ConfigError("llm.tokenizer: a model built from config needs a tokenizer directory")
+    return AutoTokenizer.from_pretrained(_model_dir(spec), local_files_only=True)
+
+
+def build_llm(spec: LLMSpec | dict, with_tokenizer: bool = True):
+    """``(AutoModelForCausalLM, tokenizer or None)`` from a spec; offline only."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(spec, dict):
+        spec = from_dict(LLMSpec, spec)
+    dtype = getattr(torch, spec.dtype)
+    kwargs = {"dtype": dtype}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.source == "config":
+        model = AutoModelForCausalLM.from_config(build_llm_config(spec), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_model_dir(spec), local_files_only=True, **kwargs)
+    return model, (build_tokenizer(spec) if with_tokenizer else None)
+
+
+def llm_hidden_size(llm_config) -> int:
+    text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    return int(text.hidden_size)
+
+
+# --------------------------------------------------------------------------- the whole model
+def build_vlm(cfg: VLMConfig | str | os.PathLike | dict, overrides: list[str] | None = None):
+    """A VolumeVLM from a config object, a YAML path (+ ``key=value`` overrides) or a mapping."""
+    from components.config import load
+    from components.models.vlm import VolumeVLM
+
+    if isinstance(cfg, (str, os.PathLike)):
+        cfg = load(VLMConfig, cfg, overrides)
+    elif isinstance(cfg, dict):
+        cfg = load(VLMConfig, data=cfg, overrides=overrides)
+    encoder_3d = build_encoder(cfg.encoder_3d)
+    llm, tokenizer = build_llm(cfg.llm)
+    dim = llm_hidden_size(llm.config)
+    perceiver = build_perceiver(cfg.perceiver, dim, encoder_3d)
+    encoder_2d = build_encoder(cfg.encoder_2d) if cfg.encoder_2d is not None else None
+    fusion = build_fusion(cfg.fusion, dim, encoder_2d.out_dim) if encoder_2d is not None else None
+    return VolumeVLM(cfg, encoder_3d, perceiver, llm, tokenizer, encoder_2d=encoder_2d, fusion=fusion)

@@ -1,0 +1,340 @@
+"""VolumeVLM: 3D encoder (+ per-slice 2D encoder) -> perceiver (-> TG-IS) -> any HF causal LM.
+
+Image embeddings replace the input embeddings at the image placeholder positions of the prompt
+(one placeholder token expanded to M positions by ``components.models.text.build_example``).
+Each part has a tune mode (``frozen`` | ``full`` | ``lora``). A checkpoint is a directory:
+
+    config.yaml                 the VLMConfig
+    encoder_3d.safetensors      one file per saved part (LoRA weights of non-LLM parts included)
+    perceiver.safetensors
+    encoder_2d.safetensors, fusion.safetensors          (when present)
+    llm.safetensors + llm_config/                       LLM base weights when they cannot be reloaded
+                                                        from their source (trained fully or built from config)
+    llm_adapter/                peft adapter of the LLM (lora mode)
+    tokenizer/                  tokenizer with the image token added
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from components.config import dump, load
+from components.models.config import LoraSpec, VLMConfig
+from components.models.text import IGNORE_INDEX, build_example, collate
+
+__all__ = ["VolumeVLM", "VolumeVLMOutput", "apply_tune_mode", "lora_config"]
+
+PARTS = ("encoder_3d", "encoder_2d", "perceiver", "fusion", "llm")
+
+
+@dataclass
+class VolumeVLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    slice_scores: torch.Tensor | None = None
+    """(B, N) TG-IS slice weights when a 2D branch is fused."""
+
+
+# --------------------------------------------------------------------------- tune modes
+def _linear_names(module: nn.Module) -> list[str]:
+    """Names of the Linear layers LoRA can wrap. MultiheadAttention reads its ``out_proj`` weight
+    directly rather than calling it, so a wrapper there would be bypassed: skip those."""
+    skip = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+
+
+def lora_config(spec: LoraSpec, module: nn.Module | None = None, causal_lm: bool = False):
+    from peft import LoraConfig
+
+    targets: Any = spec.target_modules
+    if targets == "all-linear" and not causal_lm:
+        # peft resolves "all-linear" only for transformers models
+        targets = _linear_names(module)
+        if not targets:
+            raise ValueError(f"LoRA: {type(module).__name__} has no linear layers to adapt")
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                      bias=spec.bias, task_type="CAUSAL_LM" if causal_lm else None)
+
+
+def apply_tune_mode(module: nn.Module, mode: str, lora: LoraSpec | None = None, causal_lm: bool = False) -> nn.Module:
+    """Set ``requires_grad`` for a part; ``lora`` wraps it (peft) and returns the wrapped module."""
+    if mode == "frozen":
+        module.requires_grad_(False)
+    elif mode == "full":
+        module.requires_grad_(True)
+    elif mode == "lora":
+        lora = lora or LoraSpec()
+        if causal_lm:
+            from peft import PeftModel, get_peft_model
+
+            if not isinstance(module, PeftModel):
+                module = get_peft_model(module, lora_config(lora, module, causal_lm=True))
+        elif not any("lora_" in n for n, _ in module.named_parameters()):
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(lora_config(lora, module), module)
+        for name, p in module.named_parameters():
+            p.requires_grad_("lora_" in name or (lora.bias == "all" and name.endswith("bias")))
+    else:
+        raise ValueError(f"tune mode must be frozen, full or lora, got {mode!r}")
+    return module
+
+
+# --------------------------------------------------------------------------- safetensors helpers
+def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses tensors that share memory (tied embeddings): store each once plus an alias map."""
+    from safetensors.torch import save_file
+
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for key, source in aliases.items():
+        state[key] = state[source]
+    return state
+
+
+def _base_llm_state(llm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LLM's own weights, without peft's LoRA tensors and wrapper names."""
+    from peft import PeftModel
+
+    if isinstance(llm, PeftModel):
+        llm = llm.get_base_model()
+    return {k.replace(".base_layer.", "."): v for k, v in llm.state_dict().items() if "lora_" not in k}
+
+
+def _mean_init_new_rows(llm: nn.Module, old_rows: int) -> None:
+    """New vocabulary rows = mean of the old ones: deterministic, so a reload rebuilds them exactly."""
+    with torch.no_grad():
+        for emb in {id(e): e for e in (llm.get_input_embeddings(), llm.get_output_embeddings()) if e is not None}.values():
+            w = emb.weight
+            if w.shape[0] > old_rows:
+                w[old_rows:] = w[:old_rows].mean(0, keepdim=True)
+
+
+class VolumeVLM(nn.Module):
+    """A 3D medical vision-language model built from swappable parts (see ``builders.build_vlm``)."""
+
+    def __init__(self, config: VLMConfig, encoder_3d: nn.Module, perceiver: nn.Module, llm: nn.Module, tokenizer,
+                 encoder_2d: nn.Module | None = None, fusion: nn.Module | None = None, apply_tuning: bool = True):
+        super().__init__()
+        if (encoder_2d is None) != (fusion is None):
+            raise ValueError("a 2D encoder and a fusion module come together")
+        self.config = config
+        self.encoder_3d, self.perceiver, self.encoder_2d, self.fusion = encoder_3d, perceiver, encoder_2d, fusion
+        self.tokenizer = tokenizer
+        tokenizer.add_tokens([config.image_token], special_tokens=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.image_token_id: int = tokenizer.convert_tokens_to_ids(config.image_token)
+        rows = llm.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            _mean_init_new_rows(llm, rows)
+        self.llm = llm
+        self.num_image_tokens: int = perceiver.num_tokens
+        if fusion is not None:
+            self.num_image_tokens = fusion.out_tokens(perceiver.num_tokens, encoder_2d.num_tokens)
+        if apply_tuning:
+            self.apply_tune_modes()
+
+    # ------------------------------------------------------------------ parts and tuning
+    def parts(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in PARTS if getattr(self, name) is not None}
+
+    def tune_mode(self, part: str) -> str:
+        return getattr(self.config.tune, part)
+
+    def apply_tune_modes(self) -> None:
+        tune = self.config.tune
+        for name, module in self.parts().items():
+            is_llm = name == "llm"
+            wrapped = apply_tune_mode(module, self.tune_mode(name), tune.lora if is_llm else tune.encoder_lora,
+                                      causal_lm=is_llm)
+            if wrapped is not module:
+                setattr(self, name, wrapped)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # frozen parts keep inference behaviour (BatchNorm statistics, dropout)
+        for name, module in self.parts().items():
+            if self.tune_mode(name) == "frozen":
+                module.eval()
+        return self
+
+    def trainable_parameters(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in self.parts().items()}
+
+    # ------------------------------------------------------------------ text helpers
+    def build_example(self, question: str, answer: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
+        """Token ids, attention mask, labels and question ids for one (question, answer) pair."""
+        return build_example(self.tokenizer, question, answer, image_token_id=self.image_token_id,
+                             num_image_tokens=self.num_image_tokens, image_token=self.config.image_token,
+                             system_prompt=self.config.system_prompt,
+                             max_length=self.config.max_length if max_length is None else max_length)
+
+    def collate(self, examples, padding_side: str = "right") -> dict[str, Any]:
+        return collate(examples, self.tokenizer.pad_token_id, padding_side)
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, volume: torch.Tensor, volume_2d: torch.Tensor | None = None,
+                      question_ids: torch.Tensor | None = None,
+                      question_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image embeddings ``(B, M, D)`` for the LLM and the TG-IS slice scores ``(B, N)`` (or None)."""
+        enc = self.encoder_3d(volume)
+        tokens = self.perceiver(enc)
+        if self.fusion is None:
+            return tokens, None
+        feats_2d = self.encoder_2d(volume if volume_2d is None else volume_2d)
+        text = None
+        if getattr(self.fusion, "needs_text", False):
+            if question_ids is None:
+                raise ValueError("TG-IS text scoring needs question_ids (see build_example)")
+            text = self.llm.get_input_embeddings()(question_ids)
+        out = self.fusion(tokens, self.perceiver.out_grid(enc.grid), feats_2d, text, question_attention_mask)
+        return out.tokens, out.scores
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholder positions replaced by ``image_embeds``."""
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(1)
+        if (counts != image_embeds.shape[1]).any():
+            raise ValueError(f"each sequence needs {image_embeds.shape[1]} image positions, found {counts.tolist()}")
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, volume: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, question_ids: torch.Tensor | None = None,
+                question_attention_mask: torch.Tensor | None = None, volume_2d: torch.Tensor | None = None,
+                **llm_kwargs) -> VolumeVLMOutput:
+        image_embeds, scores = self.encode_images(volume, volume_2d, question_ids, question_attention_mask)
+        embeds = self.embed_inputs(input_ids, image_embeds)
+        if labels is not None:
+            labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        return VolumeVLMOutput(loss=out.loss, logits=out.logits, slice_scores=scores)
+
+    @torch.no_grad()
+    def generate(self, volume: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 question_ids: torch.Tensor | None = None, question_attention_mask: torch.Tensor | None = None,
+                 volume_2d: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """New token ids only (prompts must be left-padded). Greedy unless told otherwise."""
+        image_embeds, _ = self.encode_images(volume, volume_2d, question_ids, question_attention_mask)
+        embeds = self.embed_inputs(input_ids, image_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        generate_kwargs.setdefault("suppress_tokens", [self.image_token_id])
+        if not generate_kwargs["do_sample"]:
+            for k in ("temperature", "top_p", "top_k"):  # silence sampling defaults a model config may carry
+                generate_kwargs.setdefault(k, None)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    @torch.no_grad()
+    def answer(self, volume: torch.Tensor, questions: str | list[str], max_new_tokens: int = 64,
+               **generate_kwargs) -> list[str]:
+        """Decoded answers for a batch of volumes ``(B, 1, D, H, W)`` and one question per volume."""
+        questions = [questions] * volume.shape[0] if isinstance(questions, str) else list(questions)
+        batch = self.collate([self.build_example(q) for q in questions], padding_side="left")
+        device = volume.device
+        out = self.generate(volume, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                            batch["question_ids"].to(device), batch["question_attention_mask"].to(device),
+                            max_new_tokens=max_new_tokens, **generate_kwargs)
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _llm_base_reloadable(self) -> bool:
+        return self.config.llm.source == "pretrained" and self.tune_mode("llm") != "full"
+
+    def save_pretrained(self, directory: str | os.PathLike, include_frozen: bool = True) -> None:
+        """Write the checkpoint directory. ``include_frozen=False`` skips frozen encoders that have a
+        ``checkpoint`` to reload from. A pretrained LLM that was not fully trained is never copied."""
+        from peft import PeftModel
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        dump(self.config, out / "config.yaml")
+        for name in ("encoder_3d", "encoder_2d", "perceiver", "fusion"):
+            module = getattr(self, name)
+            if module is None:
+                continue
+            spec = getattr(self.config, name, None)
+            if not include_frozen and self.tune_mode(name) == "frozen" and getattr(spec, "checkpoint", None):
+                continue
+            _save_state(module.state_dict(), out / f"{name}.safetensors")
+        if not self._llm_base_reloadable():
+            _save_state(_base_llm_state(self.llm), out / "llm.safetensors")
+            base = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+            base.config.save_pretrained(str(out / "llm_config"))
+        if isinstance(self.llm, PeftModel):
+            self.llm.save_pretrained(str(out / "llm_adapter"))
+        self.tokenizer.save_pretrained(str(out / "tokenizer"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, overrides: list[str] | None = None) -> "VolumeVLM":
+        """Rebuild a model written by ``save_pretrained`` (no pickles are read)."""
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from components.models import builders
+
+        src = Path(directory)
+        cfg = load(VLMConfig, src / "config.yaml", overrides)
+        tokenizer = AutoTokenizer.from_pretrained(str(src / "tokenizer"), local_files_only=True)
+
+        def saved(name: str) -> Path | None:
+            path = src / f"{name}.safetensors"
+            return path if path.exists() else None
+
+        encoder_3d = builders.build_encoder(cfg.encoder_3d, load_checkpoint=saved("encoder_3d") is None)
+        encoder_2d = None
+        if cfg.encoder_2d is not None:
+            encoder_2d = builders.build_encoder(cfg.encoder_2d, load_checkpoint=saved("encoder_2d") is None)
+        if saved("llm"):
+            llm_cfg = AutoConfig.from_pretrained(str(src / "llm_config"))
+            kwargs = {"dtype": getattr(torch, cfg.llm.dtype)}
+            if cfg.llm.attn_implementation:
+                kwargs["attn_implementation"] = cfg.llm.attn_implementation
+            llm = AutoModelForCausalLM.from_config(llm_cfg, **kwargs)
+            llm.load_state_dict(_load_state(saved("llm")), strict=True)
+        else:
+            llm, _ = builders.build_llm(cfg.llm, with_tokenizer=False)
+        dim = builders.llm_hidden_size(llm.config)
+        perceiver = builders.build_perceiver(cfg.perceiver, dim, encoder_3d)
+        fusion = builders.build_fusion(cfg.fusion, dim, encoder_2d.out_dim) if encoder_2d is not None else None
+        model = cls(cfg, encoder_3d, perceiver, llm, tokenizer, encoder_2d=encoder_2d, fusion=fusion, apply_tuning=False)
+        for name in ("encoder_3d", "encoder_2d", "perceiver", "fusion"):
+            module = getattr(model, name)
+            if module is None:
+                continue
+            if model.tune_mode(name) == "lora":
+                apply_tune_mode(module, "lora", cfg.tune.encoder_lora)
+            if saved(name):
+                module.load_state_dict(_load_state(saved(name)), strict=True)
+        if (src / "llm_adapter").exists():
+            model.llm = PeftModel.from_pretrained(model.llm, str(src / "llm_adapter"), is_trainable=True)
+        model.apply_tune_modes()
+        return model

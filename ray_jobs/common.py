@@ -1,0 +1,42 @@
+"""What every job shares: connecting to Ray and the config pieces for it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+RUNTIME_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                    "RADRAY_PHANTOM_ROOT", "HF_HUB_OFFLINE", "NLTK_DATA", "DS_ACCELERATOR")
+
+
+@dataclass
+class RayConfig:
+    """How the job reaches Ray."""
+
+    address: str | None = None
+    """Cluster address; None joins the cluster of ``ray job submit`` (RAY_ADDRESS) or starts a local one."""
+    num_cpus: int | None = None
+    """CPUs of a locally started Ray; None = all cores."""
+    include_dashboard: bool = False
+    """Start the dashboard with a local Ray (a cluster has its own)."""
+
+
+def init_ray(cfg: RayConfig):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}
+    # Workers must import this project however the job was started.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = os.environ.get("RADRAY_PROGRESS", "1") != "0"
+    return ray

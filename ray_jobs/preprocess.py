@@ -1,0 +1,214 @@
+"""Raw CT (local disk or s3://) -> fixed-shape Parquet shards + sample tables, across a Ray cluster.
+
+    python -m ray_jobs.preprocess --config ray_jobs/configs/preprocess/quickstart.yaml [key.sub=value ...]
+
+Output under ``output``:
+  volumes/*.parquet   one row per volume: id, split, volume (1, D, H, W), spec, spacing_mm (D, H, W),
+                      source_spacing_mm (x, y, z), orientation, plane, source_shape, source_uri, source_sha256
+  samples.parquet     reports / VQA / diagnosis samples of the volumes that made it
+  quarantine.parquet  (+ .csv) every volume or text that did not, with stage, error type and reason
+  summary.json        counts in / out / quarantined, volumes per second
+Re-running with the same output skips volumes already written or quarantined.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from components.config import parse_cli, to_dict
+from components.data.adapters.base import get_adapter, load_card
+from components.data.io import MAX_VOXEL_BYTES
+from components.data.preprocess import get_spec
+from components.data.storage import StorageConfig, join, open_fs, pyarrow_fs, write_bytes
+from ray_jobs.common import RayConfig, init_ray
+
+
+@dataclass
+class PreprocessConfig:
+    """The preprocessing job."""
+
+    dataset: str = "phantom"
+    """Dataset card: a name in datasets/ or a YAML path."""
+    dataset_root: str | None = None
+    """Overrides the card's root (e.g. a copy in another bucket)."""
+    output: str = "data/preprocessed/phantom"
+    """Local folder or s3:// prefix for shards, tables and summary."""
+    spec: str = "quickstart"
+    """Preprocessing spec name (e3d, m3d, med3dvlm, quickstart)."""
+    spec_overrides: dict = field(default_factory=dict)
+    """Field overrides of the spec, e.g. {size: [16, 32, 32]}."""
+    workers: int | None = None
+    """Preprocessing actors; None = one per CPU in the cluster."""
+    max_volume_gb: float = MAX_VOXEL_BYTES / 1024**3
+    """Headers that claim more voxel memory than this are refused before reading."""
+    limit: int | None = None
+    """Process only the first N volumes (smoke runs)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint and credentials (empty = the environment's)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """How to reach Ray."""
+
+
+class PreprocessVolumes:
+    """Ray Data UDF: a batch of volume items -> records; failures go to quarantine files."""
+
+    def __init__(self, spec, storage, quarantine_dir, max_bytes):
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one CPU per actor; Ray does the parallelism
+        self.spec, self.storage, self.qdir, self.max_bytes = get_spec(spec), storage, quarantine_dir, max_bytes
+
+    def __call__(self, batch: dict) -> dict:
+        from components.data.pipeline import process_item
+
+        records = []
+        for i in range(len(batch["id"])):
+            item = {k: batch[k][i] for k in batch}
+            item["overrides"] = json.loads(item.pop("overrides_json") or "{}")
+            record, bad = process_item(item, self.spec, self.storage, self.max_bytes)
+            if bad is not None:
+                safe = bad["id"].replace("/", "__")
+                write_bytes(join(self.qdir, f"{safe}.json"), json.dumps(bad).encode(), self.storage)
+            else:
+                records.append(record)
+        shape = (0, 1, *self.spec.size)
+        if not records:
+            return {"id": np.array([], dtype=object), "volume": np.zeros(shape, dtype=self.spec.dtype)}
+        out = {k: np.array([r[k] for r in records]) if k != "volume" else np.stack([r[k] for r in records])
+               for k in records[0]}
+        return out
+
+
+def _done_ids(cfg: PreprocessConfig, storage: dict) -> tuple[set, set]:
+    """Ids already written as shards and ids already quarantined (for resuming)."""
+    import pyarrow.dataset as pads
+
+    written, quarantined = set(), set()
+    fs, vol_path = open_fs(join(cfg.output, "volumes"), storage)
+    if fs.exists(vol_path) and fs.ls(vol_path):
+        pfs, ppath = pyarrow_fs(join(cfg.output, "volumes"), storage)
+        written = set(pads.dataset(ppath, filesystem=pfs, format="parquet").to_table(columns=["id"])["id"].to_pylist())
+    fs, qpath = open_fs(join(cfg.output, "quarantine", "items"), storage)
+    if fs.exists(qpath):
+        for p in fs.ls(qpath):
+            with fs.open(p if isinstance(p, str) else p["name"], "rb") as f:
+                quarantined.add(json.load(f)["id"])
+    return written, quarantined
+
+
+def _write_table(rows: list[dict], uri: str, storage: dict, csv: bool = False):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue(), storage)
+    if csv:
+        flat = table.select([c for c in table.column_names if not pa.types.is_list(table.schema.field(c).type)])
+        out = io.BytesIO()
+        pacsv.write_csv(flat, out)
+        write_bytes(uri.rsplit(".", 1)[0] + ".csv", out.getvalue(), storage)
+
+
+def _quarantine_records(cfg: PreprocessConfig, storage: dict) -> list[dict]:
+    fs, qpath = open_fs(join(cfg.output, "quarantine", "items"), storage)
+    if not fs.exists(qpath):
+        return []
+    paths = [p for p in fs.ls(qpath)]
+    got = fs.cat(paths) if paths else {}
+    if not isinstance(got, dict):
+        got = {paths[0]: got}
+    return sorted((json.loads(v) for v in got.values()), key=lambda r: r["id"])
+
+
+def run(cfg: PreprocessConfig) -> dict:
+    storage = to_dict(cfg.storage)
+    card = load_card(cfg.dataset, [f"root={cfg.dataset_root}"] if cfg.dataset_root else None)
+    spec = get_spec({"base": cfg.spec, **cfg.spec_overrides} if cfg.spec_overrides else cfg.spec)
+    adapter = get_adapter(card, storage)
+    items = adapter.volumes()
+    if cfg.limit is not None:
+        items = items[: cfg.limit]
+    written, quarantined = _done_ids(cfg, storage)
+    todo = [i for i in items if i.id not in written and i.id not in quarantined]
+    print(f"[preprocess] {card.name}: {len(items)} volumes, {len(items) - len(todo)} already done, "
+          f"{len(todo)} to process with spec {spec.name} {spec.size} -> {cfg.output}", flush=True)
+
+    t0 = time.time()
+    if todo:
+        ray = init_ray(cfg.ray)
+        from ray.data import ActorPoolStrategy
+
+        t0 = time.time()  # throughput excludes starting Ray
+        workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        rows = [{"id": i.id, "source_uri": i.source_uri, "format": i.format, "split": i.split,
+                 "overrides_json": json.dumps(i.overrides)} for i in todo]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(
+            PreprocessVolumes, batch_size=1, batch_format="numpy", num_cpus=1,
+            compute=ActorPoolStrategy(size=min(workers, len(rows))),
+            fn_constructor_kwargs=dict(spec=spec, storage=storage,
+                                       quarantine_dir=join(cfg.output, "quarantine", "items"),
+                                       max_bytes=int(cfg.max_volume_gb * 1024**3)),
+        )
+        pfs, ppath = pyarrow_fs(join(cfg.output, "volumes"), storage)
+        ds.write_parquet(ppath, filesystem=pfs, min_rows_per_file=max(1, 256 * 2**20 // (4 * int(np.prod(spec.size)))))
+    elapsed = time.time() - t0
+
+    written, quarantined = _done_ids(cfg, storage)
+    item_ids = {i.id for i in items}
+    out_ids, q_ids = written & item_ids, quarantined & item_ids
+    q_records = _quarantine_records(cfg, storage)
+
+    samples, text_bad = adapter.samples()
+    kept = [s for s in samples if s["volume_id"] in out_ids]
+    lost = [{"id": s["id"], "source_uri": s["volume_id"], "stage": "sample", "error_type": "volume_quarantined"
+             if s["volume_id"] in q_ids else "volume_missing",
+             "message": f"its volume {s['volume_id']} was " + ("quarantined" if s["volume_id"] in q_ids
+                                                             else "not in this run")}
+            for s in samples if s["volume_id"] not in out_ids]
+    _write_table(kept, join(cfg.output, "samples.parquet"), storage)
+    _write_table(q_records + text_bad + lost, join(cfg.output, "quarantine.parquet"), storage, csv=True)
+    spec_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
+    summary = {
+        "dataset": card.name, "spec": spec_dict, "output": cfg.output,
+        "volumes": {"in": len(items), "out": len(out_ids), "quarantined": len(q_ids),
+                    "processed_this_run": len(todo)},
+        "samples": {"in": len(samples) + len(text_bad), "out": len(kept),
+                    "quarantined": len(text_bad) + len(lost)},
+        "seconds": round(elapsed, 2),
+        "volumes_per_second": round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None,
+        "quarantine_reasons": _count(q_records + text_bad + lost),
+    }
+    write_bytes(join(cfg.output, "summary.json"), json.dumps(summary, indent=1).encode(), storage)
+    v = summary["volumes"]
+    print(f"[preprocess] volumes in {v['in']} = out {v['out']} + quarantined {v['quarantined']}; "
+          f"samples {summary['samples']['out']} kept, {summary['samples']['quarantined']} quarantined; "
+          f"{summary['volumes_per_second'] or '-'} volumes/s", flush=True)
+    if v["in"] != v["out"] + v["quarantined"]:
+        raise RuntimeError(f"volume accounting broken: {v}")
+    return summary
+
+
+def _count(records: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for r in records:
+        key = f"{r['stage']}:{r['error_type']}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def main(argv=None):
+    cfg = parse_cli(PreprocessConfig, argv, description=__doc__.splitlines()[0])
+    summary = run(cfg)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
