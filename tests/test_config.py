@@ -1,0 +1,66 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from components.config import ConfigError, apply_overrides, from_dict, load, to_dict
+
+
+@dataclass
+class Optim:
+    """doc"""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["adamw", "sgd"] = "adamw"
+
+
+@dataclass
+class Train:
+    steps: int
+    optimizer: Optim = field(default_factory=Optim)
+    tags: list[str] = field(default_factory=list)
+    resume: bool = False
+    note: str | None = None
+
+
+def test_nested_types_and_defaults():
+    cfg = from_dict(Train, {"steps": 3, "optimizer": {"lr": "3e-5", "betas": [0.8, 0.9]}, "tags": ["a"]})
+    assert cfg.optimizer.lr == pytest.approx(3e-5) and cfg.optimizer.betas == (0.8, 0.9)
+    assert to_dict(cfg)["optimizer"]["betas"] == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("data, where", [
+    ({"steps": 1, "optimizer": {"lr": "fast"}}, "optimizer.lr"),
+    ({"steps": 1, "optimizer": {"lrr": 1.0}}, "optimizer.lrr"),
+    ({"steps": "1"}, "steps"),
+    ({"steps": 1, "resume": "false"}, "resume"),
+    ({"steps": 1, "optimizer": {"name": "adam"}}, "optimizer.name"),
+    ({"steps": 1, "tags": ["a", 2]}, "tags[1]"),
+    ({"steps": 1, "optimizer": {"betas": [0.9]}}, "optimizer.betas"),
+    ({}, "steps"),
+])
+def test_bad_values_name_the_field(data, where):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Train, data)
+    assert str(e.value).startswith(where + ":") or f" {where}:" in str(e.value) or str(e.value).startswith(where)
+
+
+def test_overrides_from_the_command_line(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 2\noptimizer:\n  lr: 0.1\n")
+    cfg = load(Train, p, ["optimizer.lr=0.5", "tags=[x, y]", "resume=true", "note=null"])
+    assert cfg.optimizer.lr == 0.5 and cfg.tags == ["x", "y"] and cfg.resume is True and cfg.note is None
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        load(Train, p, ["optimizer.lr=abc"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_overrides({}, ["nonsense"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(Train, p)
+    with pytest.raises(ConfigError, match="not found"):
+        load(Train, tmp_path / "nope.yaml")
