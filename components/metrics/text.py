@@ -38,6 +38,7 @@ __all__ = [
     "rouge1_scores",
     "meteor_scores",
     "bertscore_f1_scores",
+    "as_single_references",
 ]
 
 METRIC_NAMES = ("bleu1", "rouge1", "meteor", "bertscore_f1")
@@ -276,3 +277,16 @@ class TextMetricSuite:
         per_sample = {name: compute[name]() for name in s.metrics}
         mean = {name: (sum(v) / len(v) if v else 0.0) for name, v in per_sample.items()}
         return TextMetricResult(per_sample=per_sample, mean=mean, settings=self.describe())
+
+
+def as_single_references(references: Sequence) -> list[str]:
+    """References as one string per sample; accepts the peers' ``[[ref], ...]`` form."""
+    single = []
+    for i, ref in enumerate(references):
+        if isinstance(ref, str):
+            single.append(ref)
+        elif len(ref) == 1 and isinstance(ref[0], str):
+            single.append(ref[0])
+        else:
+            raise ValueError(f"reference {i}: exactly one reference string per sample is supported, got {ref!r}")
+    return single

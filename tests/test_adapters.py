@@ -1,0 +1,129 @@
+"""Each adapter on tiny fixture files in the dataset's real layout."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from components.data.adapters.base import DatasetCard, get_adapter, load_card
+from components.data.adapters.ct_rate import volume_rel_path
+
+CARDS = ["phantom", "m3d_cap", "m3d_vqa", "ct_rate", "bimcv_r"]
+
+
+@pytest.mark.parametrize("name", CARDS)
+def test_every_shipped_card_loads(name):
+    card = load_card(name)
+    assert card.used_by and card.description and card.root
+
+
+def _write_csv(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_m3d_cap_and_vqa(tmp_path):
+    for case in ("ct_case/000006", "ct_quizze/012345"):
+        d = tmp_path / case / "Axial_C__portal_venous_phase"
+        d.mkdir(parents=True)
+        np.save(d / "0.npy", np.zeros((1, 4, 8, 8), np.float32))
+        (tmp_path / case / "text.txt").write_text(f"Report of {case}.")
+    (tmp_path / "ct_quizze/012345/text.txt").write_bytes(b"Caf\xe9 report")  # latin-1, not UTF-8
+    cap = {"train": [{"image": "ct_case/000006/Axial_C__portal_venous_phase/0.npy", "text": "ct_case/000006/text.txt"}],
+           "validation": [], "test": [{"image": "ct_quizze/012345/Axial_C__portal_venous_phase/0.npy",
+                                       "text": "ct_quizze/012345/text.txt"}]}
+    (tmp_path / "M3D_Cap.json").write_text(json.dumps(cap))
+    _write_csv(str(tmp_path / "M3D_VQA_test.csv"), [
+        {"Image Path": "ct_case/000006/Axial_C__portal_venous_phase/0.npy", "Text": "r", "Question Type": 1,
+         "Question": "Which plane?", "Choice A": "Axial", "Choice B": "Coronal", "Choice C": "Sagittal",
+         "Choice D": "Oblique", "Answer": "Axial", "Answer Choice": "A"},
+        {"Image Path": "ct_case/000006/Axial_C__portal_venous_phase/0.npy", "Text": "r", "Question Type": 4,
+         "Question": "", "Choice A": "", "Choice B": "", "Choice C": "", "Choice D": "", "Answer": "x",
+         "Answer Choice": ""},
+    ])
+    card = DatasetCard(name="m3d", adapter="m3d", root=str(tmp_path), format="npy",
+                       files={"cap_json": "M3D_Cap.json", "vqa_test": "M3D_VQA_test.csv"})
+    a = get_adapter(card)
+    vols = a.volumes()
+    assert {v.id for v in vols} == {"ct_case/000006/Axial_C__portal_venous_phase/0",
+                                    "ct_quizze/012345/Axial_C__portal_venous_phase/0"}
+    samples, bad = a.samples()
+    tasks = sorted(s["task"] for s in samples)
+    assert tasks == ["caption", "vqa_closed", "vqa_open"]
+    closed = next(s for s in samples if s["task"] == "vqa_closed")
+    assert closed["question_type"] == "plane" and closed["answer_choice"] == "A" and len(closed["choices"]) == 4
+    assert sorted(b["error_type"] for b in bad) == ["empty_text", "non_utf8"]
+
+
+def test_ct_rate_layout_with_metadata(tmp_path):
+    import nibabel as nib
+
+    names = {"train": ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz"], "validation": ["valid_1_a_1.nii.gz"]}
+    dirs = {"train": "dataset/train", "validation": "dataset/valid"}
+    for split, files in names.items():
+        for n in files:
+            p = tmp_path / volume_rel_path(dirs[split], n)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), p)
+    rep = "dataset/radiology_text_reports/{}_reports.csv"
+    _write_csv(str(tmp_path / rep.format("train")), [
+        {"VolumeName": "train_1_a_1.nii.gz", "Findings_EN": "Emphysema in both lungs.", "Impressions_EN": "x"},
+        {"VolumeName": "train_2_a_1.nii.gz", "Findings_EN": "", "Impressions_EN": "x"}])
+    _write_csv(str(tmp_path / rep.format("validation")), [
+        {"VolumeName": "valid_1_a_1.nii.gz", "Findings_EN": "Normal.", "Impressions_EN": "x"}])
+    _write_csv(str(tmp_path / "dataset/multi_abnormality_labels/train_predicted_labels.csv"), [
+        {"VolumeName": "train_1_a_1.nii.gz", "Emphysema": 1, "Cardiomegaly": 0}])
+    _write_csv(str(tmp_path / "dataset/metadata/train_metadata.csv"), [
+        {"VolumeName": "train_1_a_1.nii.gz", "XYSpacing": "[0.75, 0.75]", "ZSpacing": 1.5,
+         "RescaleSlope": 1, "RescaleIntercept": -1024}])
+    card = load_card("ct_rate", [f"root={tmp_path}"])
+    a = get_adapter(card)
+    vols = {v.id: v for v in a.volumes()}
+    v = vols["dataset/train/train_1/train_1_a/train_1_a_1"]
+    assert v.overrides == {"spacing": [0.75, 0.75, 1.5], "slope": 1.0, "intercept": -1024.0}
+    assert os.path.exists(v.source_uri)
+    samples, bad = a.samples()
+    assert sum(s["task"] == "caption" for s in samples) == 2
+    dx = [s for s in samples if s["task"] == "diagnosis"]
+    assert {s["answer"] for s in dx} == {"Yes", "No"} and len(dx) == 2
+    assert [b["error_type"] for b in bad] == ["empty_text"]
+    from components.data.pipeline import process_item
+    from components.data.preprocess import get_spec
+
+    rec, q = process_item(v.__dict__, get_spec({"base": "e3d", "size": [4, 8, 8]}))
+    assert q is None and rec["source_spacing_mm"] == [0.75, 0.75, 1.5]
+
+
+def test_bimcv_r_hash_split(tmp_path):
+    import nibabel as nib
+
+    rows = []
+    for i in range(20):
+        rel = f"CT{i:04d}/ses-1/ct.nii.gz"
+        (tmp_path / rel).parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / rel)
+        rows.append({"path": rel, "report": f"Report {i}." if i != 3 else " "})
+    _write_csv(str(tmp_path / "BIMCV-R.csv"), rows)
+    a = get_adapter(load_card("bimcv_r", [f"root={tmp_path}"]))
+    vols = a.volumes()
+    assert len(vols) == 20 and {v.split for v in vols} >= {"train"}
+    assert [v.split for v in vols] == [v.split for v in a.volumes()]  # stable
+    samples, bad = a.samples()
+    assert len(samples) == 19 and bad[0]["error_type"] == "empty_text"
+
+
+def test_phantom_adapter(phantom_dir):
+    card = load_card("phantom", [f"root={phantom_dir}"])
+    a = get_adapter(card)
+    vols = a.volumes()
+    assert len(vols) == 24 and {v.format for v in vols} == {"nifti", "dicom"}
+    samples, bad = a.samples()
+    assert not bad
+    tasks = {s["task"] for s in samples}
+    assert tasks == {"caption", "vqa_open", "vqa_closed", "vqa_yn", "diagnosis"}
+    types = {s["question_type"] for s in samples if s["task"] == "vqa_closed"}
+    assert types == {"plane", "phase", "organ", "abnormality", "location"}

@@ -1,0 +1,87 @@
+"""The phantom dataset: deterministic, balanced, learnable, in the published layouts."""
+import collections
+import csv
+import json
+import os
+
+import numpy as np
+
+from components.data.phantom import LABELS, PhantomConfig, make_phantom_dataset, read_findings
+
+
+def _rows(root, name):
+    with open(os.path.join(root, name), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_layout_and_splits_by_volume(phantom_dir):
+    cap = json.load(open(os.path.join(phantom_dir, "M3D_Cap.json")))
+    images = {s: {e["image"] for e in cap[s]} for s in cap}
+    assert images["train"] and images["validation"] and images["test"]
+    assert not (images["train"] & images["test"]) and not (images["train"] & images["validation"])
+    vqa = _rows(phantom_dir, "M3D_VQA_train.csv")
+    assert list(vqa[0]) == ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
+                            "Choice D", "Answer", "Answer Choice"]
+    assert {r["Image Path"] for r in vqa} <= images["train"]
+    labels = _rows(phantom_dir, "multi_abnormality_labels.csv")
+    assert len(LABELS) >= 8 and list(labels[0])[1:] == list(LABELS)
+    findings = read_findings(phantom_dir)
+    assert any(f["storage"] == "dicom" for f in findings.values())
+    assert os.path.isdir(os.path.join(phantom_dir, next(f["image"] for f in findings.values() if f["storage"] == "dicom")))
+    assert len({f["orientation"] for f in findings.values()}) > 3 and len({f["plane"] for f in findings.values()}) == 3
+    sp = np.array([f["spacing_mm"] for f in findings.values()])
+    assert sp[:, :2].min() >= 0.5 - 1e-9 and sp[:, :2].max() <= 1.0 + 1e-9 and sp[:, 2].max() <= 5.0 + 1e-9
+
+
+def test_deterministic_from_the_seed(tmp_path):
+    cfg = PhantomConfig(n_volumes=4, seed=9, scale=0.25)
+    make_phantom_dataset(str(tmp_path / "a"), cfg)
+    make_phantom_dataset(str(tmp_path / "b"), cfg)
+    for name in ("M3D_VQA_train.csv", "multi_abnormality_labels.csv", "findings.jsonl", "M3D_Cap.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    f = sorted(os.listdir(tmp_path / "a" / "volumes"))[0]
+    if f.endswith(".nii.gz"):
+        import nibabel as nib
+        np.testing.assert_array_equal(nib.load(tmp_path / "a" / "volumes" / f).dataobj,
+                                      nib.load(tmp_path / "b" / "volumes" / f).dataobj)
+
+
+def test_answers_are_balanced_so_a_blind_model_scores_at_chance(tmp_path):
+    # text only (no volumes needed for the statistics): 400 cases
+    from components.data.phantom import sample_case, split_of, vqa_rows
+
+    cfg = PhantomConfig(n_volumes=400, seed=0)
+    letters, answers = collections.Counter(), collections.defaultdict(collections.Counter)
+    yn = collections.Counter()
+    for i in range(cfg.n_volumes):
+        case = sample_case(i, cfg, split_of(i, cfg))
+        rows, yn_rows = vqa_rows(case, "x", "r", np.random.default_rng(i))
+        for r in rows:
+            letters[r["Answer Choice"]] += 1
+            answers[r["Question Type"]][r["Answer"]] += 1
+        yn.update(r["Answer"] for r in yn_rows)
+    n = sum(letters.values())
+    assert all(abs(c / n - 0.25) < 0.04 for c in letters.values()), letters
+    for qtype, counts in answers.items():
+        shares = np.array(list(counts.values())) / sum(counts.values())
+        assert shares.max() - shares.min() < 0.12, (qtype, counts)
+        # the best a text-only guess can do on this type (always the most common class) stays near chance
+        assert shares.max() < 0.42, (qtype, counts)
+    assert abs(yn["Yes"] / (yn["Yes"] + yn["No"]) - 0.5) < 0.05
+    # question wording never depends on the answer
+    by_question = collections.defaultdict(collections.Counter)
+    for i in range(200):
+        case = sample_case(i, cfg, "train")
+        for r in vqa_rows(case, "x", "r", np.random.default_rng(i))[0]:
+            by_question[r["Question"]][r["Answer"]] += 1
+    for question, counts in by_question.items():
+        assert max(counts.values()) / sum(counts.values()) < 0.5, (question, counts)
+
+
+def test_reports_follow_the_findings(phantom_dir):
+    findings = read_findings(phantom_dir)
+    for vid, f in list(findings.items())[:10]:
+        text = open(os.path.join(phantom_dir, "reports", f"{vid}.txt")).read()
+        assert f["plane"] in text.lower() and (f["phase"].split()[0] in text or "without intravenous" in text)
+        for les in f["lesions"]:
+            assert f"{les['size_mm']:.0f} mm" in text
