@@ -290,7 +290,8 @@ class VolumeVLM(nn.Module):
             base = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
             base.config.save_pretrained(str(out / "llm_config"))
         if isinstance(self.llm, PeftModel):
-            self.llm.save_pretrained(str(out / "llm_adapter"))
+            # new vocabulary rows are rebuilt deterministically, so the adapter need not carry embeddings
+            self.llm.save_pretrained(str(out / "llm_adapter"), save_embedding_layers=False)
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
 
     @classmethod
