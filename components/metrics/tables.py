@@ -121,28 +121,40 @@ class Table:
     rows: list[list[Cell]]
     label_columns: int = 1
     notes: list[str] = field(default_factory=list)
+    compare_within: int | None = None
+    """Label column whose equal values form the groups of rows compared for the bold best
+    (e.g. the metric column); ``None`` compares all rows, ``-1`` bolds nothing."""
 
     def _numeric_columns(self) -> range:
         return range(self.label_columns, len(self.columns))
 
-    def _best(self) -> dict[int, float]:
-        best = {}
-        for c in self._numeric_columns():
-            values = [row[c] for row in self.rows if isinstance(row[c], float)]
-            if len(values) > 1:
-                best[c] = max(values)
+    def _best(self) -> set[tuple[int, int]]:
+        """(row, column) of the cells to bold: the maximum of each group, unless all tie."""
+        if self.compare_within == -1:
+            return set()
+        groups: dict[object, list[int]] = {}
+        for r, row in enumerate(self.rows):
+            key = None if self.compare_within is None else row[self.compare_within]
+            groups.setdefault(key, []).append(r)
+        best = set()
+        for rows in groups.values():
+            for c in self._numeric_columns():
+                values = {r: self.rows[r][c] for r in rows if isinstance(self.rows[r][c], float)}
+                if len(values) > 1 and len(set(values.values())) > 1:
+                    top = max(values.values())
+                    best |= {(r, c) for r, v in values.items() if v == top}
         return best
 
     def to_markdown(self, bold_best: bool = True) -> str:
         """GitHub Markdown with the title above; the best number per column in bold."""
-        best = self._best() if bold_best else {}
+        best = self._best() if bold_best else set()
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
                  "|" + "|".join(["---"] * self.label_columns + ["---:"] * (len(self.columns) - self.label_columns)) + "|"]
-        for row in self.rows:
+        for r, row in enumerate(self.rows):
             cells = []
             for c, cell in enumerate(row):
                 text = _format(cell, 2)
-                if c in best and cell == best[c]:
+                if (r, c) in best:
                     text = f"**{text}**"
                 cells.append(text)
             lines.append("| " + " | ".join(cells) + " |")
@@ -219,6 +231,10 @@ def _format(cell: Cell, decimals: int) -> str:
     if isinstance(cell, float):
         return f"{100.0 * cell:.{decimals}f}"
     return str(cell)
+
+
+def _sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _slug(text: str) -> str:
@@ -322,15 +338,16 @@ def per_type_tables(results: Sequence[Mapping], tasks: Sequence[str] = ("vqa_ope
                 found = _first(result, task, d)
                 if not found:
                     continue
-                for i, metric in enumerate(metrics):
-                    label = [result["run"] if i == 0 else ""] + ([METRIC_LABELS[metric]] if with_metric else [])
+                for metric in metrics:
+                    label = [result["run"]] + ([METRIC_LABELS[metric]] if with_metric else [])
                     per_type = found.get("per_type", {})
                     rows.append(label + [_value(per_type.get(ty), metric) for ty in types] + [_value(found.get("macro"), metric)])
             columns = ["Method"] + (["Metric"] if with_metric else []) + [ty.capitalize() for ty in types] + ["Mean"]
             tables.append(Table(
                 name=f"{task}_per_type__{_slug(d)}",
-                title=f"{TASK_LABELS[task].capitalize()} on {d} per question type; Mean = macro average over types.",
+                title=f"{_sentence_case(TASK_LABELS[task])} on {d} per question type; Mean = macro average over types.",
                 columns=columns, rows=rows, label_columns=2 if with_metric else 1,
+                compare_within=1 if with_metric else None,
             ))
     return tables
 
@@ -363,15 +380,15 @@ def retrieval_tables(results: Sequence[Mapping]) -> list[Table]:
         columns = ["Direction", "R@K"] + [f"{run} {size}" for run, _ in found for size in sizes]
         rows = []
         for direction, label in (("image_to_text", "image→text (IR)"), ("text_to_image", "text→image (TR)")):
-            for i, k in enumerate(ks):
-                row: list[Cell] = [label if i == 0 else "", k]
+            for k in ks:
+                row: list[Cell] = [label, k]
                 for _, t in found:
                     row += [_value(t.get(direction, {}).get(str(size)), k) for size in sizes]
                 rows.append(row)
         tables.append(Table(
             name=f"retrieval__{_slug(d)}",
             title=f"Image-text retrieval on {d}: recall at K for each run and number of test samples.",
-            columns=columns, rows=rows, label_columns=2,
+            columns=columns, rows=rows, label_columns=2, compare_within=-1,
             notes=["IR/TR as Med3DVLM's evaluation script labels image-query and text-query recall."],
         ))
     return tables
