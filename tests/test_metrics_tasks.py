@@ -1,0 +1,162 @@
+"""Closed/yes-no VQA, diagnosis, retrieval, per-type aggregation and the results schema."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from components.metrics import results as R
+from components.metrics.aggregate import aggregate_by_type, normalize_question_type
+from components.metrics.diagnosis import binary_metrics, diagnosis_metrics
+from components.metrics.retrieval import recall_at_k, retrieval_recalls, similarity_matrix
+from components.metrics.vqa import (
+    closed_correct_peer_rule,
+    closed_vqa_scores,
+    parse_choice,
+    parse_yes_no,
+    yes_no_scores,
+)
+
+OPTIONS = ["Liver", "Spleen", "Kidney", "Pancreas"]
+
+
+def peers_rule(generated_text: str, answer_choice: str) -> int:
+    """M3D / Med3DVLM eval_vqa.py: correct when the answer letter plus "." is in the text."""
+    return 1 if answer_choice + "." in generated_text else 0
+
+
+@pytest.mark.parametrize("text,answer,peer,parsed", [
+    ("B", "B", 0, "B"),
+    ("B.", "B", 1, "B"),
+    ("(B)", "B", 0, "B"),
+    ("Answer: B. Spleen", "B", 1, "B"),
+    ("Answer: B. Spleen", "A", 0, "B"),
+    ("B. Spleen, not A. Liver", "A", 1, "B"),   # "A." elsewhere satisfies the peers' rule
+    ("The lesion is in the liver, see A. and C.", "A", 1, None),
+    ("A large mass in the spleen.", "A", 0, None),
+    ("The answer is (C)", "C", 0, "C"),
+    ("Spleen", "B", 0, "B"),
+    ("b. spleen", "B", 0, None),
+    ("", "A", 0, None),
+])
+def test_closed_vqa_rule_matches_peers_and_parsing(text, answer, peer, parsed):
+    assert closed_correct_peer_rule(text, answer) == bool(peers_rule(text, answer)) == bool(peer)
+    assert parse_choice(text, OPTIONS) == parsed
+
+
+def test_closed_vqa_scores_both_rules():
+    scores = closed_vqa_scores(["B.", "(B)", "A. Liver"], ["B", "B", "B"], [OPTIONS] * 3)
+    assert scores == {"accuracy": [1.0, 0.0, 0.0], "parsed_accuracy": [1.0, 1.0, 0.0]}
+
+
+def test_yes_no():
+    assert parse_yes_no("Yes, there is a nodule.") is True
+    assert parse_yes_no("No. However, yes...") is False
+    assert parse_yes_no("Not sure") is None
+    scores = yes_no_scores(["Yes.", "no", "maybe", "NO, none"], ["Yes, it does.", True, "No", "no"])
+    assert scores["accuracy"] == [1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError):
+        yes_no_scores(["yes"], ["perhaps"])
+
+
+def test_binary_metrics_hand_computed():
+    # tp=2 fp=1 fn=1 tn=4
+    truth = [1, 1, 1, 0, 0, 0, 0, 0]
+    pred = [1, 1, 0, 1, 0, 0, 0, 0]
+    m = binary_metrics(truth, pred)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 4)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_binary_metrics_degenerate_cases_follow_sklearn_conventions():
+    no_positive_predictions = binary_metrics([1, 0, 0], [0, 0, 0])
+    assert no_positive_predictions["precision"] == 0.0 and no_positive_predictions["f1"] == 0.0
+    only_negatives = binary_metrics([0, 0, 0, 0], [1, 0, 0, 0])
+    assert only_negatives["balanced_accuracy"] == pytest.approx(0.75)  # recall of the one class present
+
+
+def test_diagnosis_macro_micro_from_yes_no_answers():
+    labels = ["Emphysema"] * 4 + ["Atelectasis"] * 4
+    truths = [1, 1, 0, 0, 1, 0, 0, 0]
+    answers = ["Yes, it does.", "No.", "No.", "Yes", "yes", "no", "I cannot tell", "no"]
+    out = diagnosis_metrics(labels, truths, answers)
+    emph, atel = out["per_label"]["Emphysema"], out["per_label"]["Atelectasis"]
+    assert list(out["per_label"]) == ["Emphysema", "Atelectasis"]
+    assert (emph["precision"], emph["recall"], emph["balanced_accuracy"]) == (0.5, 0.5, 0.5)
+    assert (atel["precision"], atel["recall"], atel["balanced_accuracy"]) == (1.0, 1.0, 1.0)
+    assert out["macro"]["f1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert out["micro"]["precision"] == pytest.approx(2 / 3)  # pooled tp=2 fp=1
+    assert out["n_unparsed"] == 1
+
+
+def _med3dvlm_recall(similarity: np.ndarray, k: int) -> float:
+    """Med3DVLM eval_clip.py's calculate_recall: the diagonal among each row's top k."""
+    import torch
+
+    sim = torch.as_tensor(similarity)
+    _, topk = sim.topk(k, dim=1)
+    return torch.eq(topk, torch.arange(sim.size(0)).view(-1, 1)).float().sum(dim=1).mean().item()
+
+
+def test_retrieval_matches_med3dvlm_recall_without_ties():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(1200, 16))
+    texts = images + rng.normal(scale=2.0, size=images.shape)
+    sim = similarity_matrix(images, texts, normalize=True)
+    out = retrieval_recalls(sim, sizes=(100, 500, 1000, 2000), ks=(1, 5, 10))
+    assert out["skipped_sizes"] == [2000]
+    for n in (100, 500, 1000):
+        block = sim[:n, :n]
+        for k in (1, 5, 10):
+            assert out["image_to_text"][str(n)][f"R@{k}"] == pytest.approx(_med3dvlm_recall(block, k))
+            assert out["text_to_image"][str(n)][f"R@{k}"] == pytest.approx(_med3dvlm_recall(block.T, k))
+
+
+def test_recall_at_k_identity_and_ties():
+    assert recall_at_k(np.eye(5), 1) == 1.0
+    assert recall_at_k(np.ones((4, 4)), 1) == 1.0  # ties go to the match
+
+
+def test_question_types_and_macro_micro():
+    assert normalize_question_type(1) == "plane" and normalize_question_type("5") == "location"
+    assert normalize_question_type("Organ") == "organ" and normalize_question_type(None) == "none"
+    with pytest.raises(ValueError):
+        normalize_question_type(6)
+    per_sample = {"accuracy": [1, 1, 1, 0, 0, 1]}
+    out = aggregate_by_type(per_sample, [3, 1, 1, 1, 2, 2])
+    assert list(out.per_type) == ["plane", "phase", "organ"]
+    assert out.per_type["plane"] == {"n": 3, "accuracy": pytest.approx(2 / 3)}
+    assert out.micro["accuracy"] == pytest.approx(4 / 6)
+    assert out.macro["accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    untyped = aggregate_by_type({"bleu1": [0.2, 0.4]})
+    assert untyped.macro == untyped.micro == {"bleu1": pytest.approx(0.3)}
+
+
+def test_generation_settings_do_sample_is_a_real_boolean():
+    assert R.GenerationSettings().to_dict()["do_sample"] is False
+    with pytest.raises(TypeError):
+        R.GenerationSettings(do_sample="False")
+
+
+def test_run_result_schema_round_trip(tmp_path):
+    closed = R.closed_vqa_task("m3d_vqa", ["B.", "A", "C. Kidney"], ["B", "A", "D"], [OPTIONS] * 3, [1, 2, 2])
+    yn = R.yes_no_task("ct_rate_vqa", ["Yes", "No"], ["yes", "yes"])
+    diag = R.diagnosis_task("ct_rate", ["a", "a"], [1, 0], ["yes", "no"])
+    retr = R.retrieval_task("m3d_cap", np.eye(120), sizes=(100, 500))
+    result = R.run_result("run-1", [closed, yn, diag, retr], R.GenerationSettings(max_new_tokens=64), {"name": "tiny"})
+    path = R.save_result(result, tmp_path / "run-1.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["generation"]["do_sample"] is False
+    assert loaded["tasks"][0]["per_type"]["phase"] == {"n": 2, "accuracy": 0.0, "parsed_accuracy": 0.5}
+    assert loaded["tasks"][0]["macro"]["accuracy"] == pytest.approx(0.5)
+    assert R.load_results([path]) == [loaded]
+    bad = dict(loaded, generation=dict(loaded["generation"], do_sample="false"))
+    with pytest.raises(ValueError, match="do_sample"):
+        R.validate_result(bad)
+    bad_task = dict(loaded, tasks=[dict(loaded["tasks"][0], micro={"accuracy": "high"})])
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.micro\.accuracy"):
+        R.validate_result(bad_task)
