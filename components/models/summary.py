@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Parameters, LLM tokens and forward GFLOPs per VolumeVLM part.")
     parser.add_argument("--config", required=True, help="VLM config YAML (e.g. components/models/presets/*.yaml)")
     parser.add_argument("--text-tokens", type=int, default=64, help="text tokens after the image tokens")
-    parser.add_argument("--device", default="meta", help="'meta' (shapes only, default) or a real device")
+    parser.add_argument("--device", default="meta",
+                        help="'meta' (shapes only, default) or a real device; on CPU the fused attention kernel "
+                             "escapes the FLOP counter, so attention FLOPs are only counted on meta")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (value parsed as YAML)")
     args = parser.parse_args(argv)
