@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 
 
 def make_volumes(folder: str, n: int) -> list[str]:

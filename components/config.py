@@ -175,7 +175,7 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
@@ -197,7 +197,7 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
 
 
 def dump(obj, path: str | Path) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(obj), f, sort_keys=False)
 
 

@@ -49,7 +49,7 @@ def run(cfg: MakePhantomConfig) -> dict:
     local = cfg.output if not is_remote(cfg.output) else tempfile.mkdtemp(prefix="radray-phantom-")
     marker = os.path.join(local, "phantom.json")
     if not cfg.overwrite and not is_remote(cfg.output) and os.path.exists(marker):
-        with open(marker) as f:
+        with open(marker, encoding="utf-8") as f:
             existing = json.load(f)
         if existing.get("config") == json.loads(json.dumps(to_dict(cfg.phantom))):
             print(f"[make_phantom] {cfg.output} already holds this phantom; skipping", flush=True)

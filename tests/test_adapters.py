@@ -20,7 +20,7 @@ def test_every_shipped_card_loads(name):
 
 def _write_csv(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -31,12 +31,12 @@ def test_m3d_cap_and_vqa(tmp_path):
         d = tmp_path / case / "Axial_C__portal_venous_phase"
         d.mkdir(parents=True)
         np.save(d / "0.npy", np.zeros((1, 4, 8, 8), np.float32))
-        (tmp_path / case / "text.txt").write_text(f"Report of {case}.")
+        (tmp_path / case / "text.txt").write_text(f"Report of {case}.", encoding="utf-8")
     (tmp_path / "ct_quizze/012345/text.txt").write_bytes(b"Caf\xe9 report")  # latin-1, not UTF-8
     cap = {"train": [{"image": "ct_case/000006/Axial_C__portal_venous_phase/0.npy", "text": "ct_case/000006/text.txt"}],
            "validation": [], "test": [{"image": "ct_quizze/012345/Axial_C__portal_venous_phase/0.npy",
                                        "text": "ct_quizze/012345/text.txt"}]}
-    (tmp_path / "M3D_Cap.json").write_text(json.dumps(cap))
+    (tmp_path / "M3D_Cap.json").write_text(json.dumps(cap), encoding="utf-8")
     _write_csv(str(tmp_path / "M3D_VQA_test.csv"), [
         {"Image Path": "ct_case/000006/Axial_C__portal_venous_phase/0.npy", "Text": "r", "Question Type": 1,
          "Question": "Which plane?", "Choice A": "Axial", "Choice B": "Coronal", "Choice C": "Sagittal",

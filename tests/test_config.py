@@ -48,7 +48,7 @@ def test_bad_values_name_the_field(data, where):
 
 def test_overrides_from_the_command_line(tmp_path: Path):
     p = tmp_path / "c.yaml"
-    p.write_text("steps: 2\noptimizer:\n  lr: 0.1\n")
+    p.write_text("steps: 2\noptimizer:\n  lr: 0.1\n", encoding="utf-8")
     cfg = load(Train, p, ["optimizer.lr=0.5", "tags=[x, y]", "resume=true", "note=null"])
     assert cfg.optimizer.lr == 0.5 and cfg.tags == ["x", "y"] and cfg.resume is True and cfg.note is None
     with pytest.raises(ConfigError, match="optimizer.lr"):
@@ -59,7 +59,7 @@ def test_overrides_from_the_command_line(tmp_path: Path):
 
 def test_bad_yaml_and_missing_file(tmp_path: Path):
     p = tmp_path / "bad.yaml"
-    p.write_text("steps: [1\n")
+    p.write_text("steps: [1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(Train, p)
     with pytest.raises(ConfigError, match="not found"):

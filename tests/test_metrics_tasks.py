@@ -11,7 +11,7 @@ from components.metrics.aggregate import aggregate_by_type, normalize_question_t
 from components.metrics.diagnosis import binary_metrics, diagnosis_metrics
 from components.metrics.retrieval import recall_at_k, retrieval_recalls, similarity_matrix
 from components.metrics.vqa import (
-    closed_correct_peer_rule,
+    closed_correct_paper_rule,
     closed_vqa_scores,
     parse_choice,
     parse_yes_no,
@@ -21,18 +21,18 @@ from components.metrics.vqa import (
 OPTIONS = ["Liver", "Spleen", "Kidney", "Pancreas"]
 
 
-def peers_rule(generated_text: str, answer_choice: str) -> int:
+def papers_rule(generated_text: str, answer_choice: str) -> int:
     """M3D / Med3DVLM eval_vqa.py: correct when the answer letter plus "." is in the text."""
     return 1 if answer_choice + "." in generated_text else 0
 
 
-@pytest.mark.parametrize("text,answer,peer,parsed", [
+@pytest.mark.parametrize("text,answer,by_rule,parsed", [
     ("B", "B", 0, "B"),
     ("B.", "B", 1, "B"),
     ("(B)", "B", 0, "B"),
     ("Answer: B. Spleen", "B", 1, "B"),
     ("Answer: B. Spleen", "A", 0, "B"),
-    ("B. Spleen, not A. Liver", "A", 1, "B"),   # "A." elsewhere satisfies the peers' rule
+    ("B. Spleen, not A. Liver", "A", 1, "B"),   # "A." elsewhere satisfies the papers' rule
     ("The lesion is in the liver, see A. and C.", "A", 1, None),
     ("A large mass in the spleen.", "A", 0, None),
     ("The answer is (C)", "C", 0, "C"),
@@ -40,8 +40,8 @@ def peers_rule(generated_text: str, answer_choice: str) -> int:
     ("b. spleen", "B", 0, None),
     ("", "A", 0, None),
 ])
-def test_closed_vqa_rule_matches_peers_and_parsing(text, answer, peer, parsed):
-    assert closed_correct_peer_rule(text, answer) == bool(peers_rule(text, answer)) == bool(peer)
+def test_closed_vqa_rule_matches_papers_and_parsing(text, answer, by_rule, parsed):
+    assert closed_correct_paper_rule(text, answer) == bool(papers_rule(text, answer)) == bool(by_rule)
     assert parse_choice(text, OPTIONS) == parsed
 
 
@@ -149,7 +149,7 @@ def test_run_result_schema_round_trip(tmp_path):
     retr = R.retrieval_task("m3d_cap", np.eye(120), sizes=(100, 500))
     result = R.run_result("run-1", [closed, yn, diag, retr], R.GenerationSettings(max_new_tokens=64), {"name": "tiny"})
     path = R.save_result(result, tmp_path / "run-1.json")
-    loaded = json.loads(path.read_text())
+    loaded = json.loads(path.read_text(encoding="utf-8"))
     assert loaded["generation"]["do_sample"] is False
     assert loaded["tasks"][0]["per_type"]["phase"] == {"n": 2, "accuracy": 0.0, "parsed_accuracy": 0.5}
     assert loaded["tasks"][0]["macro"]["accuracy"] == pytest.approx(0.5)

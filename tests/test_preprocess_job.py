@@ -7,7 +7,6 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from components.config import from_dict
 from components.data.phantom import PhantomConfig, render_case, sample_case, write_dicom_series, write_nifti
@@ -73,16 +72,16 @@ def _bad_dataset(root):
         if name == "good1.nii.gz":
             pass  # report file missing
         elif name == "good2.nii.gz":
-            (root / rel_txt).write_text("   \n")
+            (root / rel_txt).write_text("   \n", encoding="utf-8")
         elif name == "good_dicom":
             (root / rel_txt).write_bytes("Lésion hépatique.".encode("latin-1"))
         else:
-            (root / rel_txt).write_text(f"Report for {name}.")
+            (root / rel_txt).write_text(f"Report for {name}.", encoding="utf-8")
         cap["train"].append({"image": f"vols/{name}", "text": rel_txt})
-    (root / "M3D_Cap.json").write_text(json.dumps(cap))
+    (root / "M3D_Cap.json").write_text(json.dumps(cap), encoding="utf-8")
     card = root / "card.yaml"
     card.write_text(f"name: bad\nadapter: m3d\nroot: {root}\nformat: mixed\nfiles:\n  cap_json: M3D_Cap.json\n"
-                    "used_by: {tests: bad input}\n")
+                    "used_by: {tests: bad input}\n", encoding="utf-8")
     return str(card), expected_bad
 
 

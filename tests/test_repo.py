@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup_commands():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Set up and run", 1)[1].split("\n## ", 1)[0]
     return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, re.S)]
 
@@ -17,7 +17,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     main, tests = cmds
     assert main.startswith("pip install torch==2.13.0") and tests.startswith("pip install torch==2.13.0")
     assert "pytest" in tests
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert tests in ci
     ci_cmds = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")
                and not line.startswith(("set ", "cd "))]
@@ -31,4 +31,4 @@ def test_datasets_is_yaml_only():
 
 def test_model_code_does_not_import_ray():
     for p in (ROOT / "components" / "models").rglob("*.py"):
-        assert not re.search(r"^\s*(import ray|from ray)", p.read_text(), re.M), p
+        assert not re.search(r"^\s*(import ray|from ray)", p.read_text(encoding="utf-8"), re.M), p

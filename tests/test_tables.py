@@ -96,7 +96,7 @@ def test_write_tables_writes_markdown_csv_and_png(runs, tmp_path):
         for suffix in (".md", ".csv", ".png"):
             assert f"{table.name}{suffix}" in names
         assert (tmp_path / f"{table.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    combined = (tmp_path / "tables.md").read_text()
+    combined = (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert "Disease diagnosis on CT-RATE" in combined and "macro/micro" in combined
 
 

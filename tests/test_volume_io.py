@@ -53,7 +53,7 @@ def test_dicom_series_matches_the_nifti_it_came_from(tmp_path, plane):
     case, hu = _case(plane)
     A = np.array(case.affine)
     write_dicom_series(hu, A, str(tmp_path / "series"), uid_seed=7)
-    (tmp_path / "series" / "README.txt").write_text("not a DICOM file")  # non-image objects are ignored
+    (tmp_path / "series" / "README.txt").write_text("not a DICOM file", encoding="utf-8")  # non-image objects are ignored
     vol = read_volume(str(tmp_path / "series"))
     # GDCM may stack the slices in the other direction: compare in one canonical frame.
     got_arr, got_aff = _canonical(vol.values(), vol.affine)

@@ -1,6 +1,6 @@
 """BERTScore as the papers' code computes it: one prediction against one reference at a time.
 
-The peers call ``evaluate``'s ``bertscore`` once per sample (``lang="en"``, so
+The papers' scripts call ``evaluate``'s ``bertscore`` once per sample (``lang="en"``, so
 ``roberta-large`` layer 17, no idf, no baseline rescaling). Batching pairs through
 ``bert_score`` is not equivalent: its greedy matching multiplies similarities by the
 padding mask, so a token whose best real similarity is negative scores 0 when it shares
@@ -86,6 +86,32 @@ def _patch_empty_sentence_encoding(tokenizer) -> None:
     tokenizer.build_inputs_with_special_tokens = build_inputs_with_special_tokens
 
 
+def _restore_prefix_space(scorer, model_path: str, use_fast: bool) -> None:
+    # bert_score encodes with RoBERTa/GPT-2 tokenizers passing add_prefix_space=True per
+    # call (so the first word is tokenised like every other); transformers 5 ignores that
+    # argument, so such a tokenizer is rebuilt with the setting made permanent.
+    from transformers import AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
+
+    tokenizer = scorer._tokenizer
+    if not isinstance(tokenizer, (GPT2Tokenizer, RobertaTokenizer)):
+        return
+    asked = tokenizer.encode("word", add_special_tokens=False, add_prefix_space=True)
+    if asked == tokenizer.encode(" word", add_special_tokens=False):
+        return
+    scorer._tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=use_fast, add_prefix_space=True)
+
+
+def _quiet_if_empty(hyp_emb, ref_emb):
+    # greedy_cos_idf prints a warning for each empty sentence (special tokens only); the
+    # score is 0 and the warning would be printed once per such pair.
+    if min(len(hyp_emb), len(ref_emb)) > 2:
+        return contextlib.nullcontext()
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return quiet
+
+
 class BertScore:
     """BERTScore P/R/F1 per (prediction, reference) pair, batched over sentences."""
 
@@ -111,6 +137,7 @@ class BertScore:
                 f"BERTScore model {settings.model!r} could not be loaded ({err}). Offline, use "
                 f"model={PACKAGED_MINILM!r} or a local model directory with num_layers."
             ) from err
+        _restore_prefix_space(self._scorer, self.model_path, settings.use_fast_tokenizer)
         _patch_empty_sentence_encoding(self._scorer._tokenizer)
         self._lock = threading.Lock()
 
@@ -177,15 +204,15 @@ class BertScore:
             idf_dict = self._idf_dict(references)
             stats = self._embed(predictions + references, idf_dict)
             rows = []
-            # greedy_cos_idf prints a warning per empty sentence; the score is 0 either way.
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            with torch.no_grad():
                 for prediction, reference in zip(predictions, references):
                     hyp_emb, hyp_idf = stats[prediction]
                     ref_emb, ref_idf = stats[reference]
-                    p, r, f = greedy_cos_idf(
-                        ref_emb[None].clone(), torch.ones(1, len(ref_emb), dtype=torch.bool), ref_idf[None].clone(),
-                        hyp_emb[None].clone(), torch.ones(1, len(hyp_emb), dtype=torch.bool), hyp_idf[None].clone(),
-                    )
+                    with _quiet_if_empty(hyp_emb, ref_emb):
+                        p, r, f = greedy_cos_idf(
+                            ref_emb[None].clone(), torch.ones(1, len(ref_emb), dtype=torch.bool), ref_idf[None].clone(),
+                            hyp_emb[None].clone(), torch.ones(1, len(hyp_emb), dtype=torch.bool), hyp_idf[None].clone(),
+                        )
                     rows.append(torch.stack((p, r, f), dim=-1))
             values = torch.cat(rows, dim=0)
             if self.settings.rescale_with_baseline:

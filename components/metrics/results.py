@@ -39,7 +39,7 @@ TASKS = ("caption", "vqa_open", "vqa_closed", "vqa_yn", "diagnosis", "retrieval"
 TEXT_TASKS = ("caption", "vqa_open")
 
 CLOSED_VQA_SETTINGS = {
-    "accuracy": "peers' rule: answer_choice + '.' occurs in the generated text (case-sensitive)",
+    "accuracy": "papers' rule: answer_choice + '.' occurs in the generated text (case-sensitive)",
     "parsed_accuracy": "components.metrics.vqa.parse_choice equals answer_choice",
 }
 YES_NO_SETTINGS = {"accuracy": "first 'yes'/'no' word of the prediction equals the answer's; none = wrong"}
@@ -94,7 +94,7 @@ def text_task(task: str, dataset: str, text_result: TextMetricResult,
 def closed_vqa_task(dataset: str, predictions: Sequence[str], answer_choices: Sequence[str],
                     choices: Sequence[Sequence[str] | None] | None = None,
                     question_types: Sequence[object] | None = None, split: str = "test") -> dict:
-    """A closed-ended VQA result: peers' rule accuracy and parsed-choice accuracy."""
+    """A closed-ended VQA result: the papers' rule accuracy and parsed-choice accuracy."""
     scores = closed_vqa_scores(predictions, answer_choices, choices)
     breakdown = aggregate_by_type(scores, question_types)
     return _task("vqa_closed", dataset, split, metrics=list(scores), settings=CLOSED_VQA_SETTINGS,

@@ -49,7 +49,7 @@ metric names it reports) and ``settings`` (everything that determines the values
   Text tasks' ``settings`` are :meth:`TextMetricSuite.describe`: tokenizers, METEOR
   alpha/beta/gamma and WordNet version, the BERTScore model name and path, layer, idf,
   baseline rescaling, and library versions. Closed-ended VQA reports ``accuracy`` (the
-  peers' "X." rule) and ``parsed_accuracy``.
+  papers' "X." rule) and ``parsed_accuracy``.
 * diagnosis::
 
       "per_label": {"Emphysema": {"balanced_accuracy": .., "precision": .., "recall": ..,

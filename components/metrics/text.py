@@ -51,7 +51,7 @@ class TextMetricSettings:
     metrics: tuple[str, ...] = METRIC_NAMES
     """Subset of ``bleu1``, ``rouge1``, ``meteor``, ``bertscore_f1``."""
     strip: bool = True
-    """Strip surrounding whitespace from predictions and references first (as the peers do)."""
+    """Strip surrounding whitespace from predictions and references first (as the papers' scripts do)."""
     bleu_tokenize: str = "13a"
     """sacrebleu tokenizer name (evaluate's ``bleu`` uses 13a)."""
     meteor_alpha: float = 0.9
@@ -280,7 +280,7 @@ class TextMetricSuite:
 
 
 def as_single_references(references: Sequence) -> list[str]:
-    """References as one string per sample; accepts the peers' ``[[ref], ...]`` form."""
+    """References as one string per sample; also accepts ``[[ref], ...]`` as the papers' scripts pass them."""
     single = []
     for i, ref in enumerate(references):
         if isinstance(ref, str):

@@ -1,6 +1,6 @@
 """Closed-ended and yes/no VQA scoring.
 
-The peers' closed-ended rule (M3D ``eval_vqa.py``, reused by Med-2E3 and Med3DVLM): a
+The papers' closed-ended rule (M3D ``eval_vqa.py``, reused by Med-2E3 and Med3DVLM): a
 generated text is correct when it contains the answer letter followed by a period
 (``answer_choice + "." in generated_text``), case-sensitive, anywhere in the text. It
 rewards "Answer: B. Liver" and also any text that merely mentions "B." while choosing
@@ -13,7 +13,7 @@ import re
 from typing import Sequence
 
 __all__ = [
-    "closed_correct_peer_rule",
+    "closed_correct_paper_rule",
     "parse_choice",
     "closed_correct_parsed",
     "closed_vqa_scores",
@@ -24,7 +24,7 @@ __all__ = [
 DEFAULT_LETTERS = "ABCD"
 
 
-def closed_correct_peer_rule(prediction: str, answer_choice: str) -> bool:
+def closed_correct_paper_rule(prediction: str, answer_choice: str) -> bool:
     """The papers' rule: ``answer_choice + "."`` occurs in the prediction."""
     return f"{answer_choice}." in prediction
 
@@ -74,12 +74,12 @@ def closed_correct_parsed(prediction: str, answer_choice: str, choices: Sequence
 
 def closed_vqa_scores(predictions: Sequence[str], answer_choices: Sequence[str],
                       choices: Sequence[Sequence[str] | None] | None = None) -> dict[str, list[float]]:
-    """Per-sample 1.0/0.0 under both rules: ``accuracy`` (peers) and ``parsed_accuracy``."""
+    """Per-sample 1.0/0.0 under both rules: ``accuracy`` (papers' rule) and ``parsed_accuracy``."""
     if len(predictions) != len(answer_choices):
         raise ValueError(f"{len(predictions)} predictions but {len(answer_choices)} answers")
     options = list(choices) if choices is not None else [None] * len(predictions)
     return {
-        "accuracy": [float(closed_correct_peer_rule(p, a)) for p, a in zip(predictions, answer_choices)],
+        "accuracy": [float(closed_correct_paper_rule(p, a)) for p, a in zip(predictions, answer_choices)],
         "parsed_accuracy": [float(closed_correct_parsed(p, a, c)) for p, a, c in zip(predictions, answer_choices, options)],
     }
 

@@ -3,7 +3,7 @@
 ``load("bleu1")`` is ``evaluate.load(<this directory>/bleu1/bleu1.py)``; likewise
 ``rouge1``, ``meteor`` and ``bertscore``. Each module's ``compute(predictions=...,
 references=...)`` returns the mean, the per-sample values and the settings used.
-References may be strings or the peers' one-element lists.
+References may be strings or one-element lists, as the papers' scripts pass them.
 """
 from __future__ import annotations
 

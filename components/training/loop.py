@@ -1,0 +1,212 @@
+"""The training loop every stage runs, on each worker, top to bottom.
+
+It is written against a small :class:`Session` (rank, batches, latest checkpoint, report) so the
+same body runs inside Ray Train workers (``ray_jobs.train_common.RaySession``) and in one plain
+process (:class:`LocalSession`, used by unit tests).
+
+Resuming restores model, optimizer/DeepSpeed state, scheduler, step, epoch and the position
+inside the epoch; every random choice after that is a function of (seed, rank, epoch, batch index),
+so a resumed run continues rather than repeats.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from components.training.augment import volume_augmentation
+from components.training.config import TrainingSections
+from components.training.engine import build_engine, describe
+
+
+class Session(Protocol):
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[dict]: ...
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None: ...
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (the data position)."""
+    samples: int = 0
+
+    @classmethod
+    def read(cls, directory: str) -> "TrainerState":
+        with open(os.path.join(directory, "trainer_state.json"), encoding="utf-8") as f:
+            return cls(**json.load(f))
+
+    def write(self, directory: str) -> None:
+        with open(os.path.join(directory, "trainer_state.json"), "w", encoding="utf-8") as f:
+            json.dump(self.__dict__, f)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def plan_steps(cfg: TrainingSections, rows: int, world_size: int) -> tuple[int, int]:
+    """``(micro-batches per epoch per worker, total optimizer steps)`` from the training rows."""
+    micro = max(1, rows // world_size // cfg.data.batch_size)
+    per_epoch = max(1, micro // cfg.strategy.gradient_accumulation_steps)
+    total = per_epoch * cfg.run.epochs
+    if cfg.run.max_steps is not None:
+        total = min(total, cfg.run.max_steps) if cfg.run.epochs > 0 else cfg.run.max_steps
+    return micro, total
+
+
+def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, total_steps: int) -> dict:
+    """Run ``stage`` until ``total_steps`` optimizer steps; returns the last reported metrics."""
+    rank, world = session.world_rank, session.world_size
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = stage.build_model(cfg.run.init_from)
+    engine = build_engine(model, cfg.optim, cfg.strategy, total_steps, session.device, world, cfg.data.batch_size)
+    state = TrainerState()
+    with session.latest_checkpoint() as ckpt:
+        if ckpt:
+            stage.load_model(engine.module, os.path.join(ckpt, "model"))
+            engine.load(ckpt)
+            state = TrainerState.read(ckpt)
+            rng = os.path.join(ckpt, f"rng_rank{rank}.pt")
+            if os.path.exists(rng):
+                torch.set_rng_state(torch.load(rng, weights_only=True))
+            if rank == 0:
+                print(f"[train] resumed from step {state.step} (epoch {state.epoch}, "
+                      f"batch {state.micro_in_epoch})", flush=True)
+    if rank == 0 and state.step == 0:
+        counts = {k: f"{v:,}" for k, v in stage.parameter_counts(engine.module).items()}
+        print(f"[train] {stage.name}: {counts}; strategy {describe(engine)}; {total_steps} steps", flush=True)
+
+    window = _Window()
+    last: dict = {}
+    engine.module.train()
+    while state.step < total_steps:
+        aug = volume_augmentation(cfg.data.augment, seed=hash((cfg.run.seed, rank, state.epoch)))
+        batches = session.batches(state.epoch, cfg.data.batch_size)
+        t_ready = time.perf_counter()
+        seen = 0
+        for micro, rows in enumerate(batches):
+            seen += 1
+            if micro >= micro_per_epoch:
+                break
+            if micro < state.micro_in_epoch:  # resuming mid-epoch: skip what was consumed
+                t_ready = time.perf_counter()
+                continue
+            t_got = time.perf_counter()
+            prng = random.Random(hash((cfg.run.seed, rank, state.epoch, micro)))
+            inputs = stage.collate(rows, aug, prng, session.device)
+            with engine.autocast():
+                loss, tokens = stage.forward(engine.model, inputs)
+            stepped = engine.step(loss)
+            n = len(next(iter(rows.values())))
+            state.micro_in_epoch, state.samples = micro + 1, state.samples + n * world
+            window.add(float(loss.detach()), n, tokens, t_got - t_ready, time.perf_counter() - t_ready)
+            t_ready = time.perf_counter()
+            if not stepped:
+                continue
+            state.step += 1
+            done = state.step >= total_steps
+            save = done or state.step % cfg.checkpoint.every_n_steps == 0
+            if save or state.step % cfg.run.report_every_n_steps == 0:
+                last = window.metrics(state, engine.lr, world)
+                _report(session, stage, engine, state, last, save, rank)
+            if done:
+                break
+        if state.step >= total_steps:
+            break
+        if seen == 0:
+            raise RuntimeError(f"worker {rank} got no training batches in epoch {state.epoch}")
+        state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    return last
+
+
+def _report(session: Session, stage, engine, state: TrainerState, metrics: dict, save: bool, rank: int):
+    if not save:
+        session.report(metrics)
+        return
+    directory = tempfile.mkdtemp(prefix="radray-ckpt-")
+    try:
+        full = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
+        engine.save(directory, rank)
+        torch.save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            stage.save_model(engine.module, full, os.path.join(directory, "model"))
+            state.write(directory)
+        session.report(metrics, checkpoint_dir=directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class _Window:
+    """Running sums between reports: loss, throughput and the share of time spent waiting for data."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss = self.n = self.tokens = self.wait = self.total = 0.0
+        self.count = 0
+
+    def add(self, loss, n, tokens, wait, total):
+        self.loss += loss
+        self.count += 1
+        self.n += n
+        self.tokens += tokens
+        self.wait += wait
+        self.total += total
+
+    def metrics(self, state: TrainerState, lr: float, world: int) -> dict:
+        t = max(self.total, 1e-9)
+        out = {"loss": self.loss / max(self.count, 1), "lr": lr, "step": state.step, "epoch": state.epoch,
+               "samples_per_s": self.n * world / t, "tokens_per_s": self.tokens * world / t,
+               "data_wait_frac": self.wait / t, "samples_seen": state.samples}
+        self.reset()
+        return out
+
+
+class LocalSession:
+    """One process, no Ray: rows from a list of dicts, checkpoints in a local folder."""
+
+    world_rank, world_size = 0, 1
+
+    def __init__(self, rows: list[dict], checkpoint_root: str, device: str = "cpu"):
+        self.rows, self.root, self.device = rows, checkpoint_root, torch.device(device)
+        self.reports: list[dict] = []
+        os.makedirs(checkpoint_root, exist_ok=True)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        ckpts = sorted(d for d in os.listdir(self.root) if d.startswith("checkpoint_"))
+        yield os.path.join(self.root, ckpts[-1]) if ckpts else None
+
+    def batches(self, epoch: int, batch_size: int):
+        order = np.random.default_rng(epoch).permutation(len(self.rows))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [self.rows[j] for j in order[i:i + batch_size]]
+            yield {k: np.array([r[k] for r in chunk]) if k != "volume" else np.stack([r[k] for r in chunk])
+                   for k in chunk[0]}
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None):
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            shutil.copytree(checkpoint_dir, os.path.join(self.root, f"checkpoint_{metrics['step']:08d}"))

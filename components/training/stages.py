@@ -1,0 +1,172 @@
+"""What each training stage builds, feeds and saves: MAE, contrastive, and VLM align/finetune.
+
+A stage owns: the model and which parameters train (its tune policy), turning a batch of rows
+into tensors, the loss, and the model part of a checkpoint (safetensors; no pickles).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.data.prompts import format_sample
+from components.training.augment import augment_batch
+
+
+def _volumes(rows: dict, aug, device) -> torch.Tensor:
+    vols = np.asarray(rows["volume"], dtype=np.float32)
+    return torch.as_tensor(augment_batch(aug, vols)).to(device)
+
+
+def _counts(model: torch.nn.Module) -> dict[str, int]:
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def _save_state(state: dict, path: str) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
+
+
+class MAEStage:
+    """E3D-GPT's 3D MAE pretraining of the ViT; exports the encoder as the VLM's foundation."""
+
+    name = "mae"
+    needs_samples = False
+
+    def __init__(self, mae_cfg):
+        self.cfg = mae_cfg
+
+    def build_model(self, init_from: str | None):
+        from components.models.pretraining.mae import build_mae
+
+        model = build_mae(self.cfg)
+        if init_from:
+            model.load_state_dict(load_file(os.path.join(init_from, "model", "mae.safetensors")))
+        return model
+
+    def parameter_counts(self, model):
+        return _counts(model)
+
+    def collate(self, rows: dict, aug, rng: random.Random, device) -> dict:
+        return {"volume": _volumes(rows, aug, device)}
+
+    def forward(self, model, inputs: dict):
+        out = model(inputs["volume"])
+        return out["loss"], 0
+
+    def save_model(self, module, full_state: dict, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        _save_state(full_state, os.path.join(directory, "mae.safetensors"))
+        enc = {k.removeprefix("encoder."): v for k, v in full_state.items() if k.startswith("encoder.")}
+        _save_state(enc, os.path.join(directory, "encoder.safetensors"))  # the VLM's encoder_3d.checkpoint
+
+    def load_model(self, module, directory: str) -> None:
+        module.load_state_dict(load_file(os.path.join(directory, "mae.safetensors")))
+
+
+class ContrastiveStage:
+    """Med3DVLM's SigLIP (or CLIP) pretraining of the image encoder against a text encoder."""
+
+    name = "contrastive"
+    needs_samples = True
+    tasks = ("caption",)
+
+    def __init__(self, contrastive_cfg, encoder_spec, max_text_tokens: int = 128):
+        self.cfg, self.encoder_spec, self.max_len = contrastive_cfg, encoder_spec, max_text_tokens
+        self.tokenizer = None
+
+    def build_model(self, init_from: str | None):
+        from transformers import AutoTokenizer
+
+        from components.models.builders import build_encoder
+        from components.models.pretraining.contrastive import build_contrastive, default_text_encoder_path
+
+        model = build_contrastive(self.cfg, build_encoder(self.encoder_spec))
+        text_path = getattr(self.cfg, "text_encoder", None) or default_text_encoder_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
+        if init_from:
+            model.load_state_dict(load_file(os.path.join(init_from, "model", "contrastive.safetensors")))
+        return model
+
+    def parameter_counts(self, model):
+        return _counts(model)
+
+    def collate(self, rows: dict, aug, rng: random.Random, device) -> dict:
+        tok = self.tokenizer([str(a) for a in rows["answer"]], padding=True, truncation=True,
+                             max_length=self.max_len, return_tensors="pt")
+        return {"volume": _volumes(rows, aug, device), "input_ids": tok["input_ids"].to(device),
+                "attention_mask": tok["attention_mask"].to(device)}
+
+    def forward(self, model, inputs: dict):
+        out = model(inputs["volume"], inputs["input_ids"], inputs["attention_mask"])
+        return out["loss"], int(inputs["attention_mask"].sum())
+
+    def save_model(self, module, full_state: dict, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        _save_state(full_state, os.path.join(directory, "contrastive.safetensors"))
+        enc = {k.removeprefix("image_encoder."): v for k, v in full_state.items() if k.startswith("image_encoder.")}
+        _save_state(enc, os.path.join(directory, "encoder.safetensors"))
+
+    def load_model(self, module, directory: str) -> None:
+        module.load_state_dict(load_file(os.path.join(directory, "contrastive.safetensors")))
+
+
+class VLMStage:
+    """VolumeVLM tuning: ``align`` (perceiver only) or ``finetune`` (perceiver + LoRA), as the recipe's tune modes say."""
+
+    needs_samples = True
+
+    def __init__(self, vlm_cfg, stage: str, tasks):
+        self.cfg, self.name, self.tasks = vlm_cfg, stage, tuple(tasks)
+
+    def build_model(self, init_from: str | None):
+        from components.models.builders import build_vlm
+        from components.models.vlm import VolumeVLM
+
+        if init_from:
+            # the previous stage's weights, with this recipe's tune modes (e.g. LoRA switched on)
+            model = VolumeVLM.from_pretrained(os.path.join(init_from, "model"), overrides=None)
+            model.config.tune = self.cfg.tune
+            model.apply_tune_modes()
+        else:
+            model = build_vlm(self.cfg)
+        self.model_ref = model
+        return model
+
+    def parameter_counts(self, model):
+        return {**_counts(model), **{f"trainable_{k}": v for k, v in model.trainable_parameters().items()}}
+
+    def collate(self, rows: dict, aug, rng: random.Random, device) -> dict:
+        model = self.model_ref
+        n = len(rows["answer"])
+        examples = []
+        for i in range(n):
+            sample = {k: (rows[k][i] if k != "choices" else list(rows[k][i])) for k in
+                      ("task", "question", "answer", "answer_choice", "choices")}
+            question, answer = format_sample(sample, rng)
+            examples.append(model.build_example(question, answer))
+        batch = model.collate(examples)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["volume"] = _volumes(rows, aug, device)
+        return batch
+
+    def forward(self, model, inputs: dict):
+        keys = ("volume", "input_ids", "attention_mask", "labels", "question_ids", "question_attention_mask")
+        out = model(**{k: inputs[k] for k in keys if k in inputs})
+        return out.loss, int((inputs["labels"] != -100).sum())
+
+    def save_model(self, module, full_state: dict, directory: str) -> None:
+        module.save_pretrained(directory)
+
+    def load_model(self, module, directory: str) -> None:
+        from components.models.vlm import VolumeVLM
+
+        loaded = VolumeVLM.from_pretrained(directory)
+        loaded.config.tune = self.cfg.tune
+        loaded.apply_tune_modes()
+        missing = module.load_state_dict(loaded.state_dict(), strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"checkpoint has weights this model lacks: {missing.unexpected_keys[:5]}")

@@ -1,0 +1,281 @@
+"""Ray glue shared by the training jobs: data streaming, the Ray session, the trainer, progress.
+
+The loop body is ``components.training.loop.train``; this module gives it Ray Train's world
+(``get_dataset_shard``, ``get_checkpoint``, ``report``) and builds the ``TorchTrainer`` from the
+recipe's sections. Nothing here decides GPU vs CPU: the recipe's ``scaling`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+
+import numpy as np
+
+from components.config import from_dict, to_dict
+from components.data.storage import is_remote, join, open_fs, pyarrow_fs, write_bytes
+from components.training.loop import plan_steps, train
+from ray_jobs.common import init_ray
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def read_samples(data_path: str, split: str, tasks, storage) -> dict[str, list[dict]]:
+    """Sample records of one split and the given tasks, grouped by volume id."""
+    import pyarrow.parquet as pq
+
+    fs, path = open_fs(join(data_path, "samples.parquet"), storage)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    out: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        if row["split"] == split and row["task"] in tasks:
+            out.setdefault(row["volume_id"], []).append(row)
+    return out
+
+
+class AttachSamples:
+    """Ray Data UDF: volume rows -> one row per (volume, sample) of the wanted tasks."""
+
+    def __init__(self, data_path: str, split: str, tasks, storage):
+        self.samples = read_samples(data_path, split, tuple(tasks), storage)
+
+    def __call__(self, batch: dict) -> dict:
+        idx, recs = [], []
+        for i, vid in enumerate(batch["id"]):
+            for rec in self.samples.get(vid, []):
+                idx.append(i)
+                recs.append(rec)
+        cols = ("task", "question_type", "question", "answer", "answer_choice")
+        out = {"volume": batch["volume"][idx] if idx else batch["volume"][:0],
+               "volume_id": np.array([batch["id"][i] for i in idx], dtype=object)}
+        for c in cols:
+            out[c] = np.array([r[c] for r in recs], dtype=object)
+        out["choices"] = np.array([" || ".join(r["choices"]) for r in recs], dtype=object)
+        return out
+
+
+def training_dataset(cfg, stage):
+    """``(ray.data.Dataset, number of rows)`` for the stage: volumes, or volumes joined with samples."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    storage = to_dict(cfg.storage)
+    pfs, path = pyarrow_fs(join(cfg.data.path, "volumes"), storage)
+    vols = ray.data.read_parquet(path, filesystem=pfs, columns=["id", "split", "volume"])
+    split = cfg.data.split
+    vols = vols.filter(lambda r: r["split"] == split)
+    if not stage.needs_samples:
+        ds = vols.select_columns(["id", "volume"])
+        rows = ds.count()
+    else:
+        tasks = tuple(getattr(stage, "tasks", cfg.data.tasks))
+        samples = read_samples(cfg.data.path, split, tasks, storage)
+        ids = set(vols.select_columns(["id"]).to_pandas()["id"])
+        rows = sum(len(v) for k, v in samples.items() if k in ids)
+        ds = vols.map_batches(AttachSamples, fn_constructor_kwargs=dict(
+            data_path=cfg.data.path, split=split, tasks=tasks, storage=storage),
+            batch_size=8, batch_format="numpy", compute=ActorPoolStrategy(size=1))
+    if cfg.data.limit is not None:
+        ds, rows = ds.limit(cfg.data.limit), min(rows, cfg.data.limit)
+    if rows == 0:
+        raise ValueError(f"no training rows in {cfg.data.path} (split {split!r}); run ray_jobs.preprocess first")
+    return ds, rows
+
+
+# --- the Ray session ------------------------------------------------------------------------------
+
+class RaySession:
+    """What the loop needs from Ray Train, on one worker."""
+
+    def __init__(self, seed: int, shuffle_buffer: int):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.shard = ray.train.get_dataset_shard("train")
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def batches(self, epoch: int, batch_size: int):
+        kwargs = dict(batch_size=batch_size, batch_format="numpy", drop_last=True)
+        if self.shuffle_buffer:
+            kwargs.update(local_shuffle_buffer_size=self.shuffle_buffer,
+                          local_shuffle_seed=self.seed * 1000 + epoch * 10 + self.world_rank)
+        for batch in self.shard.iter_batches(**kwargs):
+            if "choices" in batch:
+                batch["choices"] = np.array([c.split(" || ") if c else [] for c in batch["choices"]], dtype=object)
+            yield batch
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None):
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def worker_loop(config: dict):
+    """Entry point of every Ray Train worker."""
+    import importlib
+
+    module, _, name = config["job_class"].rpartition(".")
+    job_cls = getattr(importlib.import_module(module), name)
+    cfg = from_dict(job_cls, config["job"])
+    stage = cfg.make_stage()
+    session = RaySession(cfg.run.seed, cfg.data.shuffle_buffer)
+    train(session, cfg, stage, config["micro_per_epoch"], config["total_steps"])
+
+
+# --- progress, logs, curves on the controller -------------------------------------------------------
+
+def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, storage: dict):
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        """Runs on the Train controller: a progress line with ETA, TensorBoard scalars, a metrics log."""
+
+        def __init__(self):
+            self.history, self.t0, self.step0, self.writer = [], None, None, None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = dict(metrics[0]) if metrics else {}
+            if "step" not in m:
+                return
+            now = time.time()
+            if self.t0 is None:
+                self.t0, self.step0 = now, m["step"]
+                self.history = _read_history(metrics_uri, storage, before=m["step"])
+            m["time"] = now
+            self.history.append(m)
+            rate = (m["step"] - self.step0) / max(now - self.t0, 1e-9)
+            eta = (total_steps - m["step"]) / rate if rate > 0 else float("nan")
+            print(f"[train] step {m['step']}/{total_steps} ({100 * m['step'] / total_steps:.0f}%) "
+                  f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s "
+                  f"{m['tokens_per_s']:.0f} tokens/s data-wait {100 * m['data_wait_frac']:.0f}% "
+                  f"ETA {_fmt(eta)}{' [checkpoint]' if checkpoint else ''}", flush=True)
+            if tb_dir:
+                if self.writer is None:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(tb_dir)
+                for k, v in m.items():
+                    if isinstance(v, (int, float)) and k not in ("step", "time"):
+                        self.writer.add_scalar(f"train/{k}", v, m["step"])
+                self.writer.flush()
+            body = "".join(json.dumps(h) + "\n" for h in self.history).encode()
+            write_bytes(metrics_uri, body, storage)
+
+    return Progress()
+
+
+def _read_history(uri: str, storage, before: int) -> list[dict]:
+    fs, path = open_fs(uri, storage)
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "rb") as f:
+        rows = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] < before]
+
+
+def _fmt(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def plot_loss_curve(history: list[dict], title: str, path: str, storage=None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", ms=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue(), storage)
+    return path
+
+
+# --- the trainer -----------------------------------------------------------------------------------
+
+def run_dir(cfg) -> str:
+    base = cfg.run.storage_path if is_remote(cfg.run.storage_path) else os.path.abspath(cfg.run.storage_path)
+    return join(base, cfg.run.name)
+
+
+def fit(cfg, job_class: str) -> dict:
+    """Build and run the TorchTrainer for a job config; returns a summary with paths."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray(cfg.ray)
+    storage = to_dict(cfg.storage)
+    stage = cfg.make_stage()
+    ds, rows = training_dataset(cfg, stage)
+    sc = cfg.scaling
+    micro, total = plan_steps(cfg, rows, sc.num_workers)
+    print(f"[train] {cfg.run.name}: {rows} training rows, {sc.num_workers} workers x batch {cfg.data.batch_size}"
+          f" -> {micro} batches per worker per epoch, {total} optimizer steps", flush=True)
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = 1
+    rdir = run_dir(cfg)
+    if is_remote(cfg.run.storage_path):
+        pfs, spath = pyarrow_fs(cfg.run.storage_path, storage)
+        storage_kwargs = dict(storage_path=spath, storage_filesystem=pfs)
+        tb_dir = os.path.abspath(os.path.join("runs", cfg.run.name, "tensorboard"))
+    else:
+        storage_kwargs = dict(storage_path=os.path.abspath(cfg.run.storage_path))
+        tb_dir = os.path.join(rdir, "tensorboard")
+    metrics_uri = join(rdir, "metrics.jsonl")
+    env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "OMP_NUM_THREADS": str(max(1, int(sc.cpus_per_worker)))}
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"job": to_dict(cfg), "job_class": job_class, "micro_per_epoch": micro,
+                           "total_steps": total},
+        torch_config=TorchConfig(backend=None if cfg.strategy.backend == "auto" else cfg.strategy.backend),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(name=cfg.run.name, **storage_kwargs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=[_progress_callback(total, metrics_uri, tb_dir, storage)],
+                             worker_runtime_env={"env_vars": env}),
+        datasets={"train": ds},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    history = _read_history(metrics_uri, storage, before=10**12)
+    curve = plot_loss_curve(history, f"{cfg.run.name}: training loss", join(rdir, "loss_curve.png"), storage)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if ckpt and is_remote(cfg.run.storage_path):
+        ckpt = "s3://" + ckpt.lstrip("/")
+    summary = {"run": cfg.run.name, "checkpoint": ckpt, "model_dir": join(ckpt, "model") if ckpt else None,
+               "loss_curve": curve, "tensorboard": tb_dir, "metrics": metrics_uri, "steps": total,
+               "final": result.metrics, "first_loss": history[0]["loss"] if history else None,
+               "seconds": round(time.time() - t0, 1)}
+    print(f"[train] done in {summary['seconds']} s: checkpoint {ckpt}\n[train] loss curve {curve}; "
+          f"TensorBoard: tensorboard --logdir {tb_dir}", flush=True)
+    return summary
