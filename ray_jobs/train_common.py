@@ -64,9 +64,12 @@ def training_dataset(cfg, stage):
 
     storage = to_dict(cfg.storage)
     pfs, path = pyarrow_fs(join(cfg.data.path, "volumes"), storage)
-    vols = ray.data.read_parquet(path, filesystem=pfs, columns=["id", "split", "volume"])
+    # fractional CPUs keep streaming alive next to training workers on small machines
+    cpus = cfg.data.cpus_per_task
+    vols = ray.data.read_parquet(path, filesystem=pfs, columns=["id", "split", "volume"],
+                                 ray_remote_args={"num_cpus": cpus})
     split = cfg.data.split
-    vols = vols.filter(lambda r: r["split"] == split)
+    vols = vols.filter(lambda r: r["split"] == split, num_cpus=cpus)
     if not stage.needs_samples:
         ds = vols.select_columns(["id", "volume"])
         rows = ds.count()
@@ -77,7 +80,7 @@ def training_dataset(cfg, stage):
         rows = sum(len(v) for k, v in samples.items() if k in ids)
         ds = vols.map_batches(AttachSamples, fn_constructor_kwargs=dict(
             data_path=cfg.data.path, split=split, tasks=tasks, storage=storage),
-            batch_size=8, batch_format="numpy", compute=ActorPoolStrategy(size=1))
+            batch_size=8, batch_format="numpy", compute=ActorPoolStrategy(size=1), num_cpus=0)  # ListFiles needs a whole free CPU
     if cfg.data.limit is not None:
         ds, rows = ds.limit(cfg.data.limit), min(rows, cfg.data.limit)
     if rows == 0:
@@ -232,6 +235,10 @@ def fit(cfg, job_class: str) -> dict:
 
     init_ray(cfg.ray)
     storage = to_dict(cfg.storage)
+    if cfg.run.init_from and not is_remote(cfg.run.init_from):
+        cfg.run.init_from = os.path.abspath(cfg.run.init_from)  # workers run in another directory
+    if not is_remote(cfg.data.path):
+        cfg.data.path = os.path.abspath(cfg.data.path)
     stage = cfg.make_stage()
     ds, rows = training_dataset(cfg, stage)
     sc = cfg.scaling

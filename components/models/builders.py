@@ -288,8 +288,9 @@ def build_tokenizer(spec: LLMSpec | dict):
         spec = from_dict(LLMSpec, spec)
     if spec.tokenizer:
         return AutoTokenizer.from_pretrained(resolve_path(spec.tokenizer), local_files_only=True)
-    if spec.source == "config":
-        raise ConfigError("llm.tokenizer: a model built from config needs a tokenizer directory")
+    if spec.source == "config" and not (spec.path and spec.gguf_file):
+        raise ConfigError("llm.tokenizer: a model built from config needs a tokenizer directory "
+                          "(or path + gguf_file to take the tokenizer of a GGUF model)")
     return AutoTokenizer.from_pretrained(_model_dir(spec), local_files_only=True)
 
 

@@ -103,6 +103,8 @@ class DataSection:
     """Rows in each worker's local shuffle buffer (0 = no shuffle)."""
     limit: int | None = None
     """Use only the first N rows (smoke runs)."""
+    cpus_per_task: float = 0.1
+    """CPUs each Ray Data read/filter task reserves while streaming to the trainers."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-time augmentation."""
 

@@ -23,6 +23,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from components.config import to_dict
 from components.training.augment import volume_augmentation
 from components.training.config import TrainingSections
 from components.training.engine import build_engine, describe
@@ -59,6 +60,28 @@ class TrainerState:
             json.dump(self.__dict__, f)
 
 
+def resolve_checkpoint(path: str | None, storage: dict | None = None) -> str | None:
+    """A local checkpoint folder from a checkpoint or run folder (its newest ``checkpoint_*``),
+    local or in object storage (then its ``model/`` part is downloaded to a temporary folder)."""
+    from components.data.storage import is_remote, open_fs
+
+    if not path:
+        return None
+    fs, root = open_fs(path, storage)
+    if not fs.exists(f"{root}/model"):
+        entries = fs.ls(root, detail=True) if fs.exists(root) else []
+        ckpts = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
+                       if e["type"] == "directory" and e["name"].rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+        if not ckpts:
+            raise FileNotFoundError(f"run.init_from: no checkpoint (model/ folder or checkpoint_*) in {path}")
+        root = f"{root.rstrip('/')}/{ckpts[-1]}"
+    if not is_remote(path):
+        return root
+    local = tempfile.mkdtemp(prefix="radray-init-")
+    fs.get(f"{root}/model/", os.path.join(local, "model"), recursive=True)
+    return local
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -79,7 +102,7 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
     """Run ``stage`` until ``total_steps`` optimizer steps; returns the last reported metrics."""
     rank, world = session.world_rank, session.world_size
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model = stage.build_model(cfg.run.init_from)
+    model = stage.build_model(resolve_checkpoint(cfg.run.init_from, to_dict(cfg.storage)))
     engine = build_engine(model, cfg.optim, cfg.strategy, total_steps, session.device, world, cfg.data.batch_size)
     state = TrainerState()
     with session.latest_checkpoint() as ckpt:
@@ -196,7 +219,8 @@ class LocalSession:
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        ckpts = sorted(d for d in os.listdir(self.root) if d.startswith("checkpoint_"))
+        ckpts = sorted(d for d in os.listdir(self.root) if d.startswith("checkpoint_")
+                       and os.path.isdir(os.path.join(self.root, d)))
         yield os.path.join(self.root, ckpts[-1]) if ckpts else None
 
     def batches(self, epoch: int, batch_size: int):
