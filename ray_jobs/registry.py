@@ -16,4 +16,14 @@ def config_class_for(path: str | Path):
     if "preprocess" in parts:
         from ray_jobs.preprocess import PreprocessConfig
         return PreprocessConfig
+    name = path.stem
+    if name == "mae":
+        from ray_jobs.pretrain_mae import MAEJobConfig
+        return MAEJobConfig
+    if name == "siglip":
+        from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
+        return ContrastiveJobConfig
+    if name in ("align", "finetune"):
+        from ray_jobs.train_vlm import VLMJobConfig
+        return VLMJobConfig
     raise KeyError(f"no config class registered for {path}")

@@ -9,6 +9,7 @@ finetune run at the align run's checkpoint. The model directory of the final che
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,21 +19,37 @@ from components.training.config import TrainingSections
 from components.training.stages import VLMStage
 from ray_jobs.common import RayConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @dataclass
 class VLMJobConfig(TrainingSections):
     """VLM tuning: the model (with its tune modes), the stage, and the shared sections."""
 
     model: VLMConfig | None = None
-    """Encoder(s), perceiver, fusion, LLM and tune modes (see components/models/presets)."""
+    """Encoder(s), perceiver, fusion, LLM and tune modes, inline; or use ``model_preset``."""
+    model_preset: str | None = None
+    """A model YAML (e.g. components/models/presets/e3d_gpt.yaml) used when ``model`` is not given."""
+    model_overrides: list[str] = field(default_factory=list)
+    """``key=value`` changes to the preset (e.g. ``tune.llm=frozen`` for alignment)."""
     stage: Literal["align", "finetune"] = "align"
     """``align``: perceiver only, encoder and LLM frozen; ``finetune``: perceiver + LoRA."""
     ray: RayConfig = field(default_factory=RayConfig)
     """How to reach Ray."""
 
     def __post_init__(self):
+        if self.model is None and self.model_preset:
+            from components.config import ConfigError, load
+
+            path = self.model_preset
+            if not os.path.isabs(path) and not os.path.exists(path):
+                path = os.path.join(ROOT, path)
+            try:
+                self.model = load(VLMConfig, path, self.model_overrides)
+            except ConfigError as e:
+                raise ConfigError(f"model_preset: {e}") from None
         if self.model is None:
-            raise ValueError("model: a VLM recipe needs a model section")
+            raise ValueError("model: a VLM recipe needs a model section or a model_preset")
         tune = self.model.tune
         if self.stage == "align" and (tune.llm != "frozen" or tune.encoder_3d != "frozen"):
             raise ValueError("stage: 'align' trains the perceiver only; set model.tune.llm and "
