@@ -19,6 +19,7 @@ import argparse
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,8 +38,19 @@ FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider hard-codes the head's n
 
 
 def free_port() -> int:
+    """A port no one listens on. Picked below the kernel's ephemeral range (where bind(0) and
+    outgoing connections take ports) and above Ray's worker ports (10002-19999), so that it is
+    rarely taken by someone else between this check and Ray binding it."""
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -136,7 +148,7 @@ class LocalCluster:
     def __init__(self, num_cpus: int = 2, extra_nodes=(), *, num_gpus: int | None = None,
                  resources: dict | None = None, object_store_memory: int | None = None,
                  include_dashboard: bool = True, autoscaling_config: dict | None = None,
-                 env: dict | None = None, start_timeout: float = 120.0, keep_temp: bool = False):
+                 env: dict | None = None, start_timeout: float = 60.0, keep_temp: bool = False):
         self.num_cpus, self.extra_nodes = num_cpus, list(extra_nodes)
         self.num_gpus, self.resources, self.object_store_memory = num_gpus, resources, object_store_memory
         self.include_dashboard, self.autoscaling_config = include_dashboard, autoscaling_config
@@ -171,22 +183,31 @@ class LocalCluster:
     def __exit__(self, *exc):
         self.stop()
 
-    def start(self, detach: bool = False) -> "LocalCluster":
-        # Short path: Ray's unix sockets live under it and must stay below 108 characters.
-        self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
-        self.port, self.dashboard_port = free_port(), free_port()
-        if not detach:
-            atexit.register(self.stop)
-        try:
-            self._start_head()
-            for spec in self.extra_nodes:
-                self.add_node(**spec)
-            if self.include_dashboard:
-                self._wait_for_jobs_api()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def start(self, detach: bool = False, attempts: int = 3) -> "LocalCluster":
+        # A start can fail for reasons outside this cluster (a port taken in the meantime, a
+        # process killed by someone's `ray stop` on a shared host): start afresh a few times.
+        for attempt in range(1, attempts + 1):
+            # Short path: Ray's unix sockets live under it and must stay below 108 characters.
+            self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
+            self.port, self.dashboard_port = free_port(), free_port()
+            if not detach:
+                atexit.register(self.stop)
+            try:
+                self._start_head()
+                for spec in self.extra_nodes:
+                    self.add_node(**spec)
+                if self.include_dashboard:
+                    self._wait_for_jobs_api()
+                return self
+            except Exception as e:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                print(f"local cluster start failed (attempt {attempt}/{attempts}), retrying: "
+                      f"{str(e).strip().splitlines()[-1][:300]}", file=sys.stderr)
+            except BaseException:
+                self.stop()
+                raise
 
     def _start_head(self):
         args = ["start", "--head", "--node-ip-address", HOST, "--port", self.port,

@@ -25,16 +25,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, like the machines this runs on)."""
+def start_local_ray(num_cpus: int = 2):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled"}})
-    yield ray
-    ray.shutdown()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled",
+                                           "DS_ACCELERATOR": "cpu"}})
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray (2 CPUs, like the machines this runs on), shared by the tests that need one;
+    tests that build their own cluster shut it down, and the next user starts it again."""
+    yield start_local_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:
+        pass
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +79,19 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def train_shards(phantom_dir, tmp_path_factory):
+    """The small phantom preprocessed with the quickstart spec: what the training tests stream."""
+    from components.config import from_dict
+    from ray_jobs.preprocess import PreprocessConfig, run
+
+    start_local_ray()
+    out = str(tmp_path_factory.mktemp("shards"))
+    run(from_dict(PreprocessConfig, {"dataset": "phantom", "dataset_root": phantom_dir, "output": out,
+                                     "spec": "quickstart"}))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,7 @@ def test_fake_autoscaler_adds_a_gpu_node_for_demand_and_removes_it_when_idle():
     gpu_types = {n for n, t in fake["available_node_types"].items() if t["resources"].get("GPU")}
     t0 = time.time()
     with LocalCluster(num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20,
-                      autoscaling_config=fake, start_timeout=90) as c:
+                      autoscaling_config=fake, start_timeout=45) as c:
         monitor_log = Path(c.log_dir) / "monitor.log"
 
         def log_tail():

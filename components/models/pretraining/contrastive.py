@@ -135,9 +135,10 @@ class ContrastiveModel(nn.Module):
         self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, embed_dim, bias=False)
         if init_logit_scale is None:
             init_logit_scale = math.log(10.0) if loss == "siglip" else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # shape (1,), not a 0-d tensor: DeepSpeed's CPU broadcast cannot view 0-d tensors as bytes
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
         if loss == "siglip":
-            self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+            self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)]))
         else:  # CLIP has no bias; an unused parameter would never be trained
             self.register_parameter("logit_bias", None)
 
