@@ -11,7 +11,9 @@ Every node is a `ray start` on 127.0.0.1 with its own free ports and a private -
 name), so it is never used here. Instead each `ray start` runs in a new session (setsid): the
 GCS, raylet, agents, worker processes and the nodes a fake autoscaler launches all stay in that
 session (Ray gives workers their own process group, never a new session). Stopping signals the
-members of those sessions, plus anything whose command line names the cluster's temp dir.
+members of those sessions, plus anything whose command line names the cluster's temp dir. (The
+one process Ray itself detaches, a job supervisor's watcher shell, exits on its own a second
+after the cluster stops.)
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import yaml
 HOST = "127.0.0.1"
 STATE_FILE = os.path.join(tempfile.gettempdir(), f"radray-local-cluster-{os.getuid()}.json")
 FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider hard-codes the head's node type name
+CORE = ("gcs_server", "raylet/raylet", "dashboard/dashboard.py")  # a node is broken without these
 
 
 def free_port() -> int:
@@ -257,6 +260,8 @@ class LocalCluster:
                 raise RuntimeError(f"ray start failed ({rc}): {' '.join(map(str, args))}\n{f.read()[-3000:]}")
         new = self._wait(lambda: set(self.alive_nodes()) - before, "the node to register")
         node["node_id"] = sorted(new)[0]
+        node["core"] = [p for p in _sessions_members({node["sid"]}, None, verify=False)
+                        if any(k in " ".join(p.info["cmdline"] or ()) for k in CORE)]
         return node
 
     def add_node(self, num_cpus: int = 1, num_gpus: int | None = None, resources: dict | None = None,
@@ -270,6 +275,11 @@ class LocalCluster:
         """Stop one node's processes (a lost node, as far as the rest of the cluster can tell)."""
         _terminate(_sessions_members({node["sid"]}, None, verify=False), grace)
         self.nodes.remove(node)
+
+    def intact(self) -> bool:
+        """Whether every GCS, raylet and dashboard process the started nodes had is still running
+        (False means something outside killed part of the cluster)."""
+        return all(p.is_running() for n in self.nodes for p in n.get("core", ()))
 
     def stop(self, grace: float = 5.0) -> None:
         if self.temp_dir is None:
@@ -317,8 +327,23 @@ class LocalCluster:
         self._wait(ready, "the dashboard's job API")
 
     def state(self) -> dict:
-        return {"address": self.address, "dashboard_url": self.dashboard_url,
-                "temp_dir": self.temp_dir, "nodes": self.nodes}
+        return {"address": self.address, "dashboard_url": self.dashboard_url, "temp_dir": self.temp_dir,
+                "nodes": [{k: v for k, v in n.items() if k != "core"} for n in self.nodes]}
+
+
+def run_on_fresh_cluster(body, attempts: int = 2, **cluster_kwargs):
+    """``body(cluster)`` on a new LocalCluster, stopped afterwards. On a host shared with other
+    Ray users, something outside (a `ray stop`, a stray kill of a process group) can kill part of
+    the cluster mid-run; only then, and up to ``attempts`` times, the body runs on a fresh one."""
+    for attempt in range(1, attempts + 1):
+        with LocalCluster(**cluster_kwargs) as c:
+            try:
+                return body(c)
+            except Exception:
+                if attempt == attempts or c.intact():
+                    raise
+                print("local cluster processes were killed from outside; running again on a fresh cluster",
+                      file=sys.stderr)
 
 
 def down(state_file: str = STATE_FILE) -> bool:

@@ -170,6 +170,9 @@ def test_rayjob_manifest_runs_a_repo_module_with_a_recipe():
     capacity = sum(g["maxReplicas"] * int(_containers(g)[0]["resources"]["limits"]["nvidia.com/gpu"])
                    for g in gpu_groups)
     assert scaling.get("num_workers", 1) <= capacity
+    for g in gpu_groups:  # one worker per GPU, each with its CPUs, must fit a pod
+        limits = _containers(g)[0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) * scaling.get("cpus_per_worker", 1) <= float(limits["cpu"])
 
 
 # -- runtime_env and the README
@@ -197,6 +200,23 @@ def test_readme_covers_every_target_with_commands_that_name_real_files():
         assert (ROOT / path).exists(), path
     for module in set(re.findall(r"python -m (ray_jobs\.\w+)", text)):
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+
+
+def test_readme_gpu_overrides_are_real_config_keys():
+    """The README switches GPU settings by overrides; they must load with the job's own config."""
+    from components.config import load
+    from ray_jobs.train_vlm import VLMJobConfig
+
+    text = (CLUSTER / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "scaling.use_gpu=true" in b)
+    argv = shlex.split(block.replace("\\\n", " "))
+    config = argv[argv.index("--config") + 1]
+    overrides = [a for a in argv if re.match(r"^[a-z_]+\.[\w.]+=", a)]
+    cfg = load(VLMJobConfig, str(ROOT / config), overrides)
+    assert cfg.scaling.use_gpu and cfg.strategy.name == "deepspeed" and cfg.strategy.precision == "bf16"
+    for extra in (['scaling.resources_per_worker={"accelerator_type:A10G": 0.001}'],
+                  ["data.path=s3://my-bucket/preprocessed/e3d", "run.storage_path=s3://my-bucket/runs"]):
+        load(VLMJobConfig, str(ROOT / config), extra)
 
 
 # -- the local cluster
@@ -229,12 +249,12 @@ print("PROBE", *ray.get(probe.remote()))
 
 @pytest.mark.slow
 def test_local_cluster_runs_a_submitted_job_with_the_runtime_env():
-    from cluster.local import LocalCluster, _sessions_members
+    from cluster.local import _sessions_members, run_on_fresh_cluster
 
     small = 100 * 2**20
     t0 = time.time()
-    with LocalCluster(num_cpus=1, object_store_memory=small,
-                      extra_nodes=[{"num_cpus": 1, "resources": {"node2": 1}, "object_store_memory": small}]) as c:
+
+    def body(c):
         started = time.time() - t0
         nodes = c.alive_nodes()
         node2 = [i for i, n in nodes.items() if n["resources"].get("node2")]
@@ -251,7 +271,11 @@ def test_local_cluster_runs_a_submitted_job_with_the_runtime_env():
 
         c.remove_node(c.nodes[1])
         c._wait(lambda: len(c.alive_nodes()) == 1, "the removed node to leave", timeout=60)
-        sids, temp_dir = {n["sid"] for n in c.nodes}, c.temp_dir
+        return started, {n["sid"] for n in c.nodes}, c.temp_dir
+
+    started, sids, temp_dir = run_on_fresh_cluster(
+        body, num_cpus=1, object_store_memory=small,
+        extra_nodes=[{"num_cpus": 1, "resources": {"node2": 1}, "object_store_memory": small}])
     assert not _sessions_members(sids, temp_dir, verify=False), "processes left after stop"
     assert not os.path.exists(temp_dir)
     print(f"cluster of 2 nodes up in {started:.1f}s, whole test {time.time() - t0:.1f}s")

@@ -120,7 +120,7 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
         counts = {k: f"{v:,}" for k, v in stage.parameter_counts(engine.module).items()}
         print(f"[train] {stage.name}: {counts}; strategy {describe(engine)}; {total_steps} steps", flush=True)
 
-    window = _Window()
+    window = _Window(resumed_from=state.step)
     last: dict = {}
     engine.module.train()
     while state.step < total_steps:
@@ -183,7 +183,8 @@ def _report(session: Session, stage, engine, state: TrainerState, metrics: dict,
 class _Window:
     """Running sums between reports: loss, throughput and the share of time spent waiting for data."""
 
-    def __init__(self):
+    def __init__(self, resumed_from: int = 0):
+        self.resumed_from = resumed_from  # the step this worker group started at (0, or a checkpoint's)
         self.reset()
 
     def reset(self):
@@ -202,7 +203,7 @@ class _Window:
         t = max(self.total, 1e-9)
         out = {"loss": self.loss / max(self.count, 1), "lr": lr, "step": state.step, "epoch": state.epoch,
                "samples_per_s": self.n * world / t, "tokens_per_s": self.tokens * world / t,
-               "data_wait_frac": self.wait / t, "samples_seen": state.samples}
+               "data_wait_frac": self.wait / t, "samples_seen": state.samples, "resumed_from": self.resumed_from}
         self.reset()
         return out
 
