@@ -33,7 +33,10 @@ def init_ray(cfg: RayConfig):
     kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        # a submitted job already carries its runtime env (working dir, env vars); adding ours conflicts
+        ray.init(address=address, log_to_driver=True,
+                 **({} if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS") else
+                    {"runtime_env": kwargs["runtime_env"]}))
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)
     from ray.data import DataContext
