@@ -30,6 +30,14 @@ def _save_state(state: dict, path: str) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
 
 
+def _save_with_encoder(full_state: dict, directory: str, filename: str, encoder_prefix: str) -> None:
+    """The whole pretraining model (for resuming) plus its encoder alone (for a VLM's encoder_3d.checkpoint)."""
+    os.makedirs(directory, exist_ok=True)
+    _save_state(full_state, os.path.join(directory, filename))
+    enc = {k.removeprefix(encoder_prefix): v for k, v in full_state.items() if k.startswith(encoder_prefix)}
+    _save_state(enc, os.path.join(directory, "encoder.safetensors"))
+
+
 class MAEStage:
     """E3D-GPT's 3D MAE pretraining of the ViT; exports the encoder as the VLM's foundation."""
 
@@ -58,10 +66,7 @@ class MAEStage:
         return out["loss"], 0
 
     def save_model(self, module, full_state: dict, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _save_state(full_state, os.path.join(directory, "mae.safetensors"))
-        enc = {k.removeprefix("encoder."): v for k, v in full_state.items() if k.startswith("encoder.")}
-        _save_state(enc, os.path.join(directory, "encoder.safetensors"))  # the VLM's encoder_3d.checkpoint
+        _save_with_encoder(full_state, directory, "mae.safetensors", "encoder.")
 
     def load_model(self, module, directory: str) -> None:
         module.load_state_dict(load_file(os.path.join(directory, "mae.safetensors")))
@@ -105,10 +110,7 @@ class ContrastiveStage:
         return out["loss"], int(inputs["attention_mask"].sum())
 
     def save_model(self, module, full_state: dict, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _save_state(full_state, os.path.join(directory, "contrastive.safetensors"))
-        enc = {k.removeprefix("image_encoder."): v for k, v in full_state.items() if k.startswith("image_encoder.")}
-        _save_state(enc, os.path.join(directory, "encoder.safetensors"))
+        _save_with_encoder(full_state, directory, "contrastive.safetensors", "image_encoder.")
 
     def load_model(self, module, directory: str) -> None:
         module.load_state_dict(load_file(os.path.join(directory, "contrastive.safetensors")))
