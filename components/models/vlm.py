@@ -121,13 +121,20 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _base_llm_state(llm: nn.Module) -> dict[str, torch.Tensor]:
-    """The LLM's own weights, without peft's LoRA tensors and wrapper names."""
+def _base_llm_state(llm: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LLM's own weights from its ``state`` (keys as ``llm.state_dict()``), without peft's LoRA
+    tensors and wrapper names."""
     from peft import PeftModel
 
     if isinstance(llm, PeftModel):
-        llm = llm.get_base_model()
-    return {k.replace(".base_layer.", "."): v for k, v in llm.state_dict().items() if "lora_" not in k}
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
+def _sub_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The entries of one part (``name.``-prefixed keys), keyed as the part's own ``state_dict()``."""
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _mean_init_new_rows(llm: nn.Module, old_rows: int) -> None:
@@ -198,7 +205,9 @@ class VolumeVLM(nn.Module):
         return self
 
     def trainable_parameters(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in self.parts().items()}
+        # a ZeRO-3 partitioned parameter holds an empty tensor; ds_numel is its full size
+        return {name: sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters() if p.requires_grad)
+                for name, m in self.parts().items()}
 
     # ------------------------------------------------------------------ text helpers
     def build_example(self, question: str, answer: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
@@ -252,9 +261,11 @@ class VolumeVLM(nn.Module):
     @torch.no_grad()
     def generate(self, volume: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  question_ids: torch.Tensor | None = None, question_attention_mask: torch.Tensor | None = None,
-                 volume_2d: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
-        """New token ids only (prompts must be left-padded). Greedy unless told otherwise."""
-        image_embeds, _ = self.encode_images(volume, volume_2d, question_ids, question_attention_mask)
+                 volume_2d: torch.Tensor | None = None, return_slice_scores: bool = False,
+                 **generate_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """New token ids only (prompts must be left-padded). Greedy unless told otherwise.
+        ``return_slice_scores`` also returns the TG-IS slice scores ``(B, N)`` (None without a 2D branch)."""
+        image_embeds, scores = self.encode_images(volume, volume_2d, question_ids, question_attention_mask)
         embeds = self.embed_inputs(input_ids, image_embeds)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -264,31 +275,39 @@ class VolumeVLM(nn.Module):
         if not generate_kwargs["do_sample"]:
             for k in ("temperature", "top_p", "top_k"):  # silence sampling defaults a model config may carry
                 generate_kwargs.setdefault(k, None)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return (out, scores) if return_slice_scores else out
 
     @torch.no_grad()
     def answer(self, volume: torch.Tensor, questions: str | list[str], max_new_tokens: int = 64,
-               **generate_kwargs) -> list[str]:
-        """Decoded answers for a batch of volumes ``(B, 1, D, H, W)`` and one question per volume."""
+               return_slice_scores: bool = False, **generate_kwargs) -> list[str] | tuple[list[str], torch.Tensor | None]:
+        """Decoded answers for a batch of volumes ``(B, 1, D, H, W)`` and one question per volume
+        (with ``return_slice_scores``, also the TG-IS slice scores ``(B, N)`` or None)."""
         questions = [questions] * volume.shape[0] if isinstance(questions, str) else list(questions)
         batch = self.collate([self.build_example(q) for q in questions], padding_side="left")
         device = volume.device
-        out = self.generate(volume, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                            batch["question_ids"].to(device), batch["question_attention_mask"].to(device),
-                            max_new_tokens=max_new_tokens, **generate_kwargs)
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        out, scores = self.generate(volume, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    batch["question_ids"].to(device), batch["question_attention_mask"].to(device),
+                                    max_new_tokens=max_new_tokens, return_slice_scores=True, **generate_kwargs)
+        texts = [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return (texts, scores) if return_slice_scores else texts
 
     # ------------------------------------------------------------------ checkpoints
     def _llm_base_reloadable(self) -> bool:
         return self.config.llm.source == "pretrained" and self.tune_mode("llm") != "full"
 
-    def save_pretrained(self, directory: str | os.PathLike, include_frozen: bool = True) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, include_frozen: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the checkpoint directory. ``include_frozen=False`` skips frozen encoders that have a
-        ``checkpoint`` to reload from. A pretrained LLM that was not fully trained is never copied."""
+        ``checkpoint`` to reload from. A pretrained LLM that was not fully trained is never copied.
+
+        ``state_dict`` (keys as ``self.state_dict()``) supplies the weights when this module's own are
+        not whole, e.g. partitioned across ranks by DeepSpeed ZeRO-3 and gathered by the caller."""
         from peft import PeftModel
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
         dump(self.config, out / "config.yaml")
         for name in ("encoder_3d", "encoder_2d", "perceiver", "fusion"):
             module = getattr(self, name)
@@ -297,14 +316,15 @@ class VolumeVLM(nn.Module):
             spec = getattr(self.config, name, None)
             if not include_frozen and self.tune_mode(name) == "frozen" and getattr(spec, "checkpoint", None):
                 continue
-            _save_state(module.state_dict(), out / f"{name}.safetensors")
+            _save_state(_sub_state(state, name), out / f"{name}.safetensors")
         if not self._llm_base_reloadable():
-            _save_state(_base_llm_state(self.llm), out / "llm.safetensors")
+            _save_state(_base_llm_state(self.llm, _sub_state(state, "llm")), out / "llm.safetensors")
             base = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
             base.config.save_pretrained(str(out / "llm_config"))
         if isinstance(self.llm, PeftModel):
             # new vocabulary rows are rebuilt deterministically, so the adapter need not carry embeddings
-            self.llm.save_pretrained(str(out / "llm_adapter"), save_embedding_layers=False)
+            self.llm.save_pretrained(str(out / "llm_adapter"), save_embedding_layers=False,
+                                     state_dict=_sub_state(state, "llm"))
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
 
     @classmethod

@@ -1,0 +1,91 @@
+"""Batched generation for evaluation: sample records + volumes -> prediction text (+ TG-IS slice scores)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from components.data.prompts import format_sample
+from components.metrics.results import GenerationSettings
+
+__all__ = ["load_model", "generation_kwargs", "predict", "model_info"]
+
+# Serving merges the LoRA adapter into the LLM weights: same outputs, no adapter overhead per token.
+SERVING_OVERRIDES = ("tune.llm=frozen",)
+
+
+def load_model(path: str | os.PathLike, storage: dict | None = None, device: str = "cpu"):
+    """A ``VolumeVLM`` in eval mode from a model directory, a checkpoint (with ``model/``) or a run
+    folder (its newest ``checkpoint_*``), local or s3://."""
+    from components.data.storage import exists, is_remote, join
+    from components.models.vlm import VolumeVLM
+    from components.training.loop import resolve_checkpoint
+
+    path = str(path)
+    if exists(join(path, "config.yaml"), storage):
+        if is_remote(path):
+            # resolve_checkpoint downloads a checkpoint's model/ part; a bare model folder is its parent's
+            parent, name = path.rstrip("/").rsplit("/", 1)
+            if name != "model":
+                raise ValueError(f"{path}: a remote model folder must be a checkpoint's model/ folder")
+            path = parent
+        else:
+            return _ready(VolumeVLM.from_pretrained(path, list(SERVING_OVERRIDES)), device)
+    root = resolve_checkpoint(path, storage)
+    return _ready(VolumeVLM.from_pretrained(os.path.join(root, "model"), list(SERVING_OVERRIDES)), device)
+
+
+def _ready(model, device: str):
+    return model.to(device).eval()
+
+
+def model_info(model, source: str | None = None) -> dict:
+    """What the results JSON records about the model."""
+    cfg = model.config
+    parts = {"encoder_3d": cfg.encoder_3d.name, "perceiver": cfg.perceiver.name,
+             "encoder_2d": cfg.encoder_2d.name if cfg.encoder_2d is not None else None,
+             "fusion": cfg.fusion.name if model.fusion is not None else None}
+    return {"source": source, "llm": cfg.llm.path or cfg.llm.source, "image_tokens": model.num_image_tokens, **parts}
+
+
+def generation_kwargs(settings: GenerationSettings) -> dict:
+    """``generate`` keyword arguments for the settings; sampling knobs only when sampling."""
+    kwargs = dict(do_sample=settings.do_sample, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+                  repetition_penalty=settings.repetition_penalty)
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return kwargs
+
+
+def _volume_for(volumes, sample: Mapping, index: int) -> np.ndarray:
+    return volumes[sample["volume_id"]] if isinstance(volumes, Mapping) else volumes[index]
+
+
+@torch.no_grad()
+def predict(model, volumes: Mapping[str, np.ndarray] | Sequence[np.ndarray], samples: Sequence[Mapping],
+            settings: GenerationSettings | None = None, batch_size: int = 8) -> list[dict]:
+    """``[{"prediction": text, "slice_scores": [floats] or None}, ...]``, one per sample, in order.
+
+    ``volumes`` maps volume id -> ``(1, D, H, W)`` array, or is a sequence aligned with ``samples``.
+    Questions are formatted by :func:`format_sample` exactly as training formats them (fixed caption
+    instruction); the answer part is dropped.
+    """
+    settings = settings or GenerationSettings()
+    kwargs = generation_kwargs(settings)
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+    device = next(model.parameters()).device
+    out: list[dict] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        questions = [format_sample(dict(s))[0] for s in chunk]
+        batch = np.stack([np.asarray(_volume_for(volumes, s, start + k), dtype=np.float32)
+                          for k, s in enumerate(chunk)])
+        texts, scores = model.answer(torch.from_numpy(batch).to(device), questions,
+                                     return_slice_scores=True, **kwargs)
+        for k, text in enumerate(texts):
+            out.append({"prediction": text,
+                        "slice_scores": scores[k].float().cpu().tolist() if scores is not None else None})
+    return out
