@@ -57,8 +57,9 @@ class AttachSamples:
         return out
 
 
-def training_dataset(cfg, stage):
-    """``(ray.data.Dataset, number of rows)`` for the stage: volumes, or volumes joined with samples."""
+def training_dataset(cfg, stage, split: str | None = None):
+    """``(ray.data.Dataset, number of rows)`` for the stage: volumes, or volumes joined with samples,
+    of ``split`` (default ``data.split``; ``data.limit`` applies to that one only)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -68,7 +69,7 @@ def training_dataset(cfg, stage):
     cpus = cfg.data.cpus_per_task
     vols = ray.data.read_parquet(path, filesystem=pfs, columns=["id", "split", "volume"],
                                  ray_remote_args={"num_cpus": cpus})
-    split = cfg.data.split
+    split = split or cfg.data.split
     vols = vols.filter(lambda r: r["split"] == split, num_cpus=cpus)
     if not stage.needs_samples:
         ds = vols.select_columns(["id", "volume"])
@@ -81,7 +82,7 @@ def training_dataset(cfg, stage):
         ds = vols.map_batches(AttachSamples, fn_constructor_kwargs=dict(
             data_path=cfg.data.path, split=split, tasks=tasks, storage=storage),
             batch_size=8, batch_format="numpy", compute=ActorPoolStrategy(size=1), num_cpus=0)  # ListFiles needs a whole free CPU
-    if cfg.data.limit is not None:
+    if cfg.data.limit is not None and split == cfg.data.split:
         ds, rows = ds.limit(cfg.data.limit), min(rows, cfg.data.limit)
     if rows == 0:
         raise ValueError(f"no training rows in {cfg.data.path} (split {split!r}); run ray_jobs.preprocess first")
@@ -102,6 +103,7 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.shard = ray.train.get_dataset_shard("train")
+        self.val_shard = None
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -115,20 +117,31 @@ class RaySession:
             yield d
 
     def batches(self, epoch: int, batch_size: int):
-        kwargs = dict(batch_size=batch_size, batch_format="numpy", drop_last=True)
+        kwargs = {}
         if self.shuffle_buffer:
             kwargs.update(local_shuffle_buffer_size=self.shuffle_buffer,
                           local_shuffle_seed=self.seed * 1000 + epoch * 10 + self.world_rank)
-        for batch in self.shard.iter_batches(**kwargs):
-            if "choices" in batch:
-                batch["choices"] = np.array([c.split(" || ") if c else [] for c in batch["choices"]], dtype=object)
-            yield batch
+        return _numpy_batches(self.shard, batch_size, **kwargs)
+
+    def val_batches(self, batch_size: int):
+        import ray.train
+
+        if self.val_shard is None:  # asked for only when the recipe validates
+            self.val_shard = ray.train.get_dataset_shard("val")
+        return _numpy_batches(self.val_shard, batch_size)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None):
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _numpy_batches(shard, batch_size: int, **kwargs):
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **kwargs):
+        if "choices" in batch:
+            batch["choices"] = np.array([c.split(" || ") if c else [] for c in batch["choices"]], dtype=object)
+        yield batch
 
 
 def worker_loop(config: dict):
@@ -166,10 +179,11 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
             self.history.append(m)
             rate = (m["step"] - self.step0) / max(now - self.t0, 1e-9)
             eta = (total_steps - m["step"]) / rate if rate > 0 else float("nan")
+            val = f"val_loss {m['val_loss']:.4f} " if "val_loss" in m else ""
             print(f"[train] step {m['step']}/{total_steps} ({100 * m['step'] / total_steps:.0f}%) "
                   f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s "
                   f"{m['tokens_per_s']:.0f} tokens/s data-wait {100 * m['data_wait_frac']:.0f}% "
-                  f"ETA {_fmt(eta)}{' [checkpoint]' if checkpoint else ''}", flush=True)
+                  f"{val}ETA {_fmt(eta)}{' [checkpoint]' if checkpoint else ''}", flush=True)
             if tb_dir:
                 if self.writer is None:
                     from torch.utils.tensorboard import SummaryWriter
@@ -245,6 +259,9 @@ def fit(cfg, job_class: str) -> dict:
     micro, total = plan_steps(cfg, rows, sc.num_workers)
     print(f"[train] {cfg.run.name}: {rows} training rows, {sc.num_workers} workers x batch {cfg.data.batch_size}"
           f" -> {micro} batches per worker per epoch, {total} optimizer steps", flush=True)
+    datasets = {"train": ds}
+    if cfg.run.val_every_n_steps is not None:  # a second dataset, sharded like the first
+        datasets["val"], _ = training_dataset(cfg, stage, split=cfg.data.val_split)
     resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
     if sc.use_gpu:
         resources["GPU"] = 1
@@ -270,7 +287,7 @@ def fit(cfg, job_class: str) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              callbacks=[_progress_callback(total, metrics_uri, tb_dir, storage)],
                              worker_runtime_env={"env_vars": env}),
-        datasets={"train": ds},
+        datasets=datasets,
     )
     t0 = time.time()
     result = trainer.fit()

@@ -103,6 +103,10 @@ class DataSection:
     """Rows in each worker's local shuffle buffer (0 = no shuffle)."""
     limit: int | None = None
     """Use only the first N rows (smoke runs)."""
+    val_split: str = "validation"
+    """Split the periodic validation pass reads (``run.val_every_n_steps``)."""
+    val_batches: int = 4
+    """Batches per worker in each validation pass (its first ones, in order: every pass sees the same)."""
     cpus_per_task: float = 0.1
     """CPUs each Ray Data read/filter task reserves while streaming to the trainers."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -133,12 +137,19 @@ class RunSection:
     """Stop after this many optimizer steps (overrides epochs when reached first)."""
     report_every_n_steps: int = 10
     """Metrics cadence (each report costs about a second on Ray)."""
+    val_every_n_steps: int | None = None
+    """Validation-loss cadence in optimizer steps (and always at the end); null = no validation.
+    The loss is reported as ``val_loss`` (what a sweep's ASHA scheduler compares)."""
     max_failures: int = 0
     """Worker-group restarts allowed (FailureConfig); -1 = unlimited."""
     seed: int = 0
     """Seeds model init, shuffling and augmentation (plus the worker rank)."""
     init_from: str | None = None
     """Checkpoint of a previous stage to start from (e.g. align -> finetune)."""
+
+    def __post_init__(self):
+        if self.val_every_n_steps is not None and self.val_every_n_steps < 1:
+            raise ValueError(f"val_every_n_steps must be >= 1 (or null), got {self.val_every_n_steps}")
 
 
 @dataclass

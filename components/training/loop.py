@@ -27,6 +27,7 @@ from components.config import to_dict
 from components.training.augment import volume_augmentation
 from components.training.config import TrainingSections
 from components.training.engine import build_engine, describe
+from components.training.validation import validation_loss
 
 
 class Session(Protocol):
@@ -37,6 +38,9 @@ class Session(Protocol):
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
     def batches(self, epoch: int, batch_size: int) -> Iterator[dict]: ...
+
+    def val_batches(self, batch_size: int) -> Iterator[dict]:
+        """Validation batches in a fixed order (only called when ``run.val_every_n_steps`` is set)."""
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None: ...
 
@@ -150,8 +154,12 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
             state.step += 1
             done = state.step >= total_steps
             save = done or state.step % cfg.checkpoint.every_n_steps == 0
-            if save or state.step % cfg.run.report_every_n_steps == 0:
+            val_every = cfg.run.val_every_n_steps
+            validate = val_every is not None and (done or state.step % val_every == 0)
+            if save or validate or state.step % cfg.run.report_every_n_steps == 0:
                 last = window.metrics(state, engine.lr, world)
+                if validate:
+                    last["val_loss"] = validation_loss(session, stage, engine, cfg.data)
                 _report(session, stage, engine, state, last, save, rank)
             if done:
                 break
@@ -213,8 +221,10 @@ class LocalSession:
 
     world_rank, world_size = 0, 1
 
-    def __init__(self, rows: list[dict], checkpoint_root: str, device: str = "cpu"):
+    def __init__(self, rows: list[dict], checkpoint_root: str, device: str = "cpu",
+                 val_rows: list[dict] | None = None):
         self.rows, self.root, self.device = rows, checkpoint_root, torch.device(device)
+        self.val_rows = val_rows or []
         self.reports: list[dict] = []
         os.makedirs(checkpoint_root, exist_ok=True)
 
@@ -225,13 +235,21 @@ class LocalSession:
         yield os.path.join(self.root, ckpts[-1]) if ckpts else None
 
     def batches(self, epoch: int, batch_size: int):
-        order = np.random.default_rng(epoch).permutation(len(self.rows))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [self.rows[j] for j in order[i:i + batch_size]]
-            yield {k: np.array([r[k] for r in chunk]) if k != "volume" else np.stack([r[k] for r in chunk])
-                   for k in chunk[0]}
+        return _batched(self.rows, np.random.default_rng(epoch).permutation(len(self.rows)), batch_size)
+
+    def val_batches(self, batch_size: int):
+        return _batched(self.val_rows, range(len(self.val_rows)), batch_size)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None):
         self.reports.append(dict(metrics))
         if checkpoint_dir:
             shutil.copytree(checkpoint_dir, os.path.join(self.root, f"checkpoint_{metrics['step']:08d}"))
+
+
+def _batched(rows: list[dict], order, batch_size: int):
+    """Full batches of ``rows`` in ``order``, as column arrays (the last partial batch is dropped)."""
+    order = list(order)
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = [rows[j] for j in order[i:i + batch_size]]
+        yield {k: np.array([r[k] for r in chunk]) if k != "volume" else np.stack([r[k] for r in chunk])
+               for k in chunk[0]}
