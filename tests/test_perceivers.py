@@ -86,6 +86,18 @@ def test_dual_stream_mixer_med3dvlm_256_plus_32_to_256():
     assert torch.allclose(out[:, :128], out2[:, :128]) and not torch.allclose(out[:, 128:], out2[:, 128:])
 
 
+def test_dual_stream_mlp_is_the_2xmlp_h_row_every_token_of_both_stages():
+    enc = fake_output([(384, (4, 8, 8)), (768, (2, 4, 4))], batch=2)
+    perceiver = build_perceiver(PerceiverSpec(name="dual_stream_mlp"), 64, in_dim=768, grid=(2, 4, 4),
+                                stages=[(384, (4, 8, 8)), (768, (2, 4, 4))])
+    out = perceiver(enc)
+    assert out.shape == (2, 256 + 32, 64) and perceiver.num_tokens == 288
+    # 2x: Linear -> GELU -> Linear per stream; token-wise, so the low tokens map one to one
+    assert [type(m).__name__ for m in perceiver.low] == ["Linear", "GELU", "Linear"]
+    assert torch.allclose(out[:, :256], perceiver.low(enc.stages[0][0]))
+    assert torch.allclose(out[:, 256:], perceiver.high(enc.stages[1][0]))
+
+
 def test_dual_stream_mixer_on_dcformer_stages():
     encoder = build_encoder({"name": "dcformer", "preset": "dcformer_small",
                              "overrides": {"volume_size": [64, 128, 128], "blocks": [1, 1, 1, 1, 1]}})
@@ -112,6 +124,7 @@ SPECS = {
     "qformer_local": PerceiverSpec(name="qformer_local", k=2, queries_per_window=2, heads=4, depth=1),
     "mlp_mixer": PerceiverSpec(name="mlp_mixer", out_tokens=40, depth=2),
     "dual_stream_mixer": PerceiverSpec(name="dual_stream_mixer", low_tokens=[48, 16], high_tokens=[24, 16]),
+    "dual_stream_mlp": PerceiverSpec(name="dual_stream_mlp"),
     "avg_pool": PerceiverSpec(name="avg_pool", k=2),
     "max_pool": PerceiverSpec(name="max_pool", k=2),
     "spatial_pool_mlp": PerceiverSpec(name="spatial_pool_mlp", k=2),
@@ -119,6 +132,7 @@ SPECS = {
     "mlp2x": PerceiverSpec(name="mlp2x"),
 }
 EXPECTED_TOKENS = {"conv3d": 32, "qformer_global": 20, "qformer_local": 64, "mlp_mixer": 40, "dual_stream_mixer": 32,
+                   "dual_stream_mlp": 8 * 16 * 16 + 4 * 8 * 8,
                    "avg_pool": 32, "max_pool": 32, "spatial_pool_mlp": 32, "linear": 256, "mlp2x": 256}
 
 

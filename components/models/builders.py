@@ -21,7 +21,7 @@ from components.config import ConfigError, from_dict, to_dict
 from components.models.config import EncoderSpec, FusionSpec, LLMSpec, PerceiverSpec, VLMConfig
 from components.models.encoders import dcformer, slice2d, vit3d
 from components.models.perceivers import (AvgPoolPerceiver, Conv3dPerceiver, DualStreamMixerPerceiver,
-                                          GlobalQFormerPerceiver, LinearPerceiver, LocalQFormerPerceiver,
+                                          DualStreamMLPPerceiver, GlobalQFormerPerceiver, LinearPerceiver, LocalQFormerPerceiver,
                                           MaxPoolPerceiver, MLP2xPerceiver, MLPMixerPerceiver, Perceiver,
                                           SpatialPoolMLPPerceiver, TGISFusion)
 
@@ -157,12 +157,17 @@ def _p_dual_stream_mixer(s, i, o, g, st):
                                     low_stage=s.low_stage, high_stage=s.high_stage, mlp_depth=s.mlp_depth)
 
 
+def _p_dual_stream_mlp(s, i, o, g, st):
+    return DualStreamMLPPerceiver(o, st, low_stage=s.low_stage, high_stage=s.high_stage, mlp_depth=s.mlp_depth)
+
+
 PERCEIVERS: dict[str, Callable[[PerceiverSpec, int, int, Grid, list], Perceiver]] = {
     "conv3d": _p_conv3d,
     "qformer_global": _p_qformer_global,
     "qformer_local": _p_qformer_local,
     "mlp_mixer": _p_mlp_mixer,
     "dual_stream_mixer": _p_dual_stream_mixer,
+    "dual_stream_mlp": _p_dual_stream_mlp,
     "avg_pool": lambda s, i, o, g, st: AvgPoolPerceiver(i, o, g, k=s.k),
     "max_pool": lambda s, i, o, g, st: MaxPoolPerceiver(i, o, g, k=s.k),
     "spatial_pool_mlp": lambda s, i, o, g, st: SpatialPoolMLPPerceiver(i, o, g, k=s.k),

@@ -36,7 +36,7 @@ class PerceiverSpec:
 
     name: str = "conv3d"
     """``conv3d`` | ``qformer_global`` | ``qformer_local`` | ``mlp_mixer`` | ``dual_stream_mixer`` |
-    ``avg_pool`` | ``max_pool`` | ``spatial_pool_mlp`` | ``linear`` | ``mlp2x``."""
+    ``dual_stream_mlp`` | ``avg_pool`` | ``max_pool`` | ``spatial_pool_mlp`` | ``linear`` | ``mlp2x``."""
     k: int = 2
     """Kernel = stride (conv3d), pooling size (avg_pool, max_pool, spatial_pool_mlp), window (qformer_local)."""
     out_tokens: int = 256
@@ -54,11 +54,11 @@ class PerceiverSpec:
     high_tokens: list[int] = field(default_factory=lambda: [64, 128])
     """dual_stream_mixer: tokens after each mixer layer of the high (final-stage) stream."""
     low_stage: int = -2
-    """dual_stream_mixer: encoder stage feeding the low stream (index into EncoderOutput.stages)."""
+    """dual_stream_mixer / dual_stream_mlp: encoder stage feeding the low stream (index into EncoderOutput.stages)."""
     high_stage: int = -1
-    """dual_stream_mixer: encoder stage feeding the high stream."""
+    """dual_stream_mixer / dual_stream_mlp: encoder stage feeding the high stream."""
     mlp_depth: int = 2
-    """Linear layers inside each mixer MLP."""
+    """Linear layers inside each mixer MLP (and of each dual_stream_mlp stream)."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ original MLP-Mixer.
 encoder stage (spatially detailed, 256 x 384 for DCFormer-small at 128 x 256 x 256) and one over
 the final stage (semantic, 32 x 768); their outputs are concatenated (128 + 128 = 256 tokens).
 Widths grow towards the LLM width layer by layer (D/2, then D for two layers).
+``dual_stream_mlp``: the same two streams with token-wise MLPs (Med3DVLM's ``2xMLP-H`` row).
 """
 from __future__ import annotations
 
@@ -73,37 +74,58 @@ def _widths(out_dim: int, depth: int) -> list[int]:
     return [out_dim // 2 ** (depth - 1 - i) for i in range(depth)]
 
 
-class DualStreamMixerPerceiver(Perceiver):
-    """Med3DVLM's projector: low (penultimate stage) and high (final stage) mixer streams, concatenated.
+class _TwoStreams(Perceiver):
+    """Low (detailed) and high (semantic) encoder stages, each through its own stream, concatenated.
 
     ``stages`` lists every encoder stage as ``(width, grid)``, coarsest last; ``low_stage`` and
-    ``high_stage`` pick the two streams' inputs.
+    ``high_stage`` pick the two streams' inputs. Subclasses build ``self.low``, ``self.high`` and
+    ``self.num_out``.
     """
 
-    def __init__(self, out_dim: int, stages: Sequence[tuple[int, Grid]],
-                 low_tokens: Sequence[int] = (192, 128), high_tokens: Sequence[int] = (64, 128),
-                 low_stage: int = -2, high_stage: int = -1, mlp_depth: int = 2):
+    def __init__(self, name: str, out_dim: int, stages: Sequence[tuple[int, Grid]], low_stage: int, high_stage: int):
         if len(stages) < 2:
-            raise ValueError("dual_stream_mixer needs an encoder with at least two stages")
-        if len(low_tokens) != len(high_tokens):
-            raise ValueError("dual_stream_mixer: low_tokens and high_tokens need the same number of layers")
+            raise ValueError(f"{name} needs an encoder with at least two stages")
         (low_dim, low_grid), (high_dim, high_grid) = stages[low_stage], stages[high_stage]
         super().__init__(high_dim, out_dim, high_grid)
+        self.name, self.low_dim = name, low_dim
         self.low_stage, self.high_stage = low_stage, high_stage
         self.low_grid = tuple(low_grid)
-        widths = _widths(out_dim, len(low_tokens))
-        n_low = low_grid[0] * low_grid[1] * low_grid[2]
-        n_high = high_grid[0] * high_grid[1] * high_grid[2]
-        self.low = mixer_stack(n_low, low_dim, low_tokens, widths, mlp_depth)
-        self.high = mixer_stack(n_high, high_dim, high_tokens, widths, mlp_depth)
-        self.num_out = low_tokens[-1] + high_tokens[-1]
+        self.n_low = low_grid[0] * low_grid[1] * low_grid[2]
+        self.n_high = high_grid[0] * high_grid[1] * high_grid[2]
 
     def out_tokens(self, grid: Grid | None = None) -> int:
         return self.num_out
 
     def forward(self, enc):
         if not enc.stages:
-            raise ValueError("dual_stream_mixer needs the encoder's multi-scale stages (EncoderOutput.stages)")
+            raise ValueError(f"{self.name} needs the encoder's multi-scale stages (EncoderOutput.stages)")
         low, _ = enc.stages[self.low_stage]
         high, _ = enc.stages[self.high_stage]
         return torch.cat([self.low(low), self.high(high)], dim=1)
+
+
+class DualStreamMixerPerceiver(_TwoStreams):
+    """Med3DVLM's projector: low (penultimate stage) and high (final stage) mixer streams, concatenated."""
+
+    def __init__(self, out_dim: int, stages: Sequence[tuple[int, Grid]],
+                 low_tokens: Sequence[int] = (192, 128), high_tokens: Sequence[int] = (64, 128),
+                 low_stage: int = -2, high_stage: int = -1, mlp_depth: int = 2):
+        super().__init__("dual_stream_mixer", out_dim, stages, low_stage, high_stage)
+        if len(low_tokens) != len(high_tokens):
+            raise ValueError("dual_stream_mixer: low_tokens and high_tokens need the same number of layers")
+        widths = _widths(out_dim, len(low_tokens))
+        self.low = mixer_stack(self.n_low, self.low_dim, low_tokens, widths, mlp_depth)
+        self.high = mixer_stack(self.n_high, self.in_dim, high_tokens, widths, mlp_depth)
+        self.num_out = low_tokens[-1] + high_tokens[-1]
+
+
+class DualStreamMLPPerceiver(_TwoStreams):
+    """Med3DVLM's ``2xMLP-H`` ablation: the same two streams through token-wise MLPs instead of mixers,
+    so every token of both stages reaches the LLM (256 + 32 for DCFormer-small)."""
+
+    def __init__(self, out_dim: int, stages: Sequence[tuple[int, Grid]], low_stage: int = -2, high_stage: int = -1,
+                 mlp_depth: int = 2):
+        super().__init__("dual_stream_mlp", out_dim, stages, low_stage, high_stage)
+        self.low = mlp(self.low_dim, out_dim, mlp_depth)
+        self.high = mlp(self.in_dim, out_dim, mlp_depth)
+        self.num_out = self.n_low + self.n_high
