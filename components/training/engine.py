@@ -93,6 +93,9 @@ class DDPEngine:
     def full_state_dict(self) -> dict:
         return self.module.state_dict()
 
+    def writable_weights(self):
+        return contextlib.nullcontext()  # every rank holds whole weights
+
     def save(self, directory: str, rank: int) -> None:
         if rank == 0:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -160,6 +163,15 @@ class DeepSpeedEngine:
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
                 return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         return self.module.state_dict()
+
+    def writable_weights(self):
+        """A context in which ``module.load_state_dict`` sees whole weights: ZeRO-3 gathers them on every
+        rank (a collective) and, on leaving, re-partitions rank 0's values."""
+        if self.strategy.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0)
 
     def save(self, directory: str, rank: int) -> None:
         self.model.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state")

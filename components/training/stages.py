@@ -22,8 +22,9 @@ def _volumes(rows: dict, aug, device) -> torch.Tensor:
 
 
 def _counts(model: torch.nn.Module) -> dict[str, int]:
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    # a ZeRO-3 partitioned parameter holds an empty tensor; ds_numel is its full size
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return {"total": sum(n for n, _ in sizes), "trainable": sum(n for n, grad in sizes if grad)}
 
 
 def _save_state(state: dict, path: str) -> None:
@@ -161,7 +162,8 @@ class VLMStage:
         return out.loss, int((inputs["labels"] != -100).sum())
 
     def save_model(self, module, full_state: dict, directory: str) -> None:
-        module.save_pretrained(directory)
+        # full_state, not the module's own weights: under ZeRO-3 those are this rank's partitions only
+        module.save_pretrained(directory, state_dict=full_state)
 
     def load_model(self, module, directory: str) -> None:
         from components.models.vlm import VolumeVLM
