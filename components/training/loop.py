@@ -111,7 +111,8 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
     state = TrainerState()
     with session.latest_checkpoint() as ckpt:
         if ckpt:
-            stage.load_model(engine.module, os.path.join(ckpt, "model"))
+            with engine.writable_weights():  # ZeRO-3 holds partitions; loading needs whole tensors
+                stage.load_model(engine.module, os.path.join(ckpt, "model"))
             engine.load(ckpt)
             state = TrainerState.read(ckpt)
             rng = os.path.join(ckpt, f"rng_rank{rank}.pt")
