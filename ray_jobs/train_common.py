@@ -57,6 +57,15 @@ class AttachSamples:
         return out
 
 
+def split_ids(path: str, filesystem, split: str) -> set[str]:
+    """Volume ids of one split, from the two small columns only: counting through the Ray Data
+    pipeline would read every volume once more before training starts."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=["id", "split"])
+    return {i for i, s in zip(table["id"].to_pylist(), table["split"].to_pylist()) if s == split}
+
+
 def training_dataset(cfg, stage, split: str | None = None):
     """``(ray.data.Dataset, number of rows)`` for the stage: volumes, or volumes joined with samples,
     of ``split`` (default ``data.split``; ``data.limit`` applies to that one only)."""
@@ -71,13 +80,13 @@ def training_dataset(cfg, stage, split: str | None = None):
                                  ray_remote_args={"num_cpus": cpus})
     split = split or cfg.data.split
     vols = vols.filter(lambda r: r["split"] == split, num_cpus=cpus)
+    ids = split_ids(path, pfs, split)
     if not stage.needs_samples:
         ds = vols.select_columns(["id", "volume"])
-        rows = ds.count()
+        rows = len(ids)
     else:
         tasks = tuple(getattr(stage, "tasks", cfg.data.tasks))
         samples = read_samples(cfg.data.path, split, tasks, storage)
-        ids = set(vols.select_columns(["id"]).to_pandas()["id"])
         rows = sum(len(v) for k, v in samples.items() if k in ids)
         ds = vols.map_batches(AttachSamples, fn_constructor_kwargs=dict(
             data_path=cfg.data.path, split=split, tasks=tasks, storage=storage),
