@@ -85,3 +85,31 @@ def test_reports_follow_the_findings(phantom_dir):
         assert f["plane"] in text.lower() and (f["phase"].split()[0] in text or "without intravenous" in text)
         for les in f["lesions"]:
             assert f"{les['size_mm']:.0f} mm" in text
+
+
+def test_lesion_slices_mark_where_the_lesion_is_in_the_training_tensor():
+    from dataclasses import asdict, replace
+
+    from components.data.io import Volume
+    from components.data.phantom import lesion_slices, render_case, sample_case
+    from components.data.preprocess import preprocess_volume
+
+    cfg = PhantomConfig(n_volumes=40, seed=3, scale=0.4)
+    checked = set()
+    for i in range(cfg.n_volumes):
+        case = sample_case(i, cfg, "train")
+        if len(case.lesions) != 1 or case.plane in checked:
+            continue
+        checked.add(case.plane)
+        A = np.array(case.affine)
+        with_lesion = preprocess_volume(Volume(render_case(case, cfg), A), "quickstart")[0]
+        without = preprocess_volume(Volume(render_case(replace(case, lesions=[]), cfg), A), "quickstart")[0]
+        touched = np.abs(with_lesion - without).max(axis=(1, 2)) > 0.02  # noise is identical in both renders
+        mask = lesion_slices({**asdict(case), "lesions": [asdict(l) for l in case.lesions]}, "quickstart")
+        assert mask is not None and mask.any() and mask.sum() < len(mask) / 2
+        # linear interpolation and partial volume may blur the edge into the next slice
+        near = mask | np.roll(mask, 1) | np.roll(mask, -1)
+        assert (touched & ~near).sum() == 0, (case.plane, np.nonzero(touched)[0], np.nonzero(mask)[0])
+        assert touched[mask].mean() >= 0.5
+    assert checked == {"axial", "coronal", "sagittal"}
+    assert lesion_slices({**asdict(sample_case(0, cfg, "train")), "lesions": []}, "quickstart") is None

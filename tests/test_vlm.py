@@ -298,3 +298,19 @@ def test_smollm2_pretrained_offline_generates_from_a_volume(smollm2_vlm, tmp_pat
     loaded = VolumeVLM.from_pretrained(tmp_path / "ckpt").eval()
     with torch.no_grad():
         assert torch.equal(logits, forward(loaded, volume, batch).logits)
+
+
+def test_answer_only_lm_head_gives_the_full_sequence_loss(tokenizers):
+    torch.manual_seed(0)
+    model = build_vlm(vlm_config(tokenizers["chat"])).eval()
+    volume = torch.rand(2, 1, 32, 64, 64)
+    batch = batch_for(model, PAIRS)
+    with torch.no_grad():
+        out = forward(model, volume, batch)
+        full = forward(model, volume, {**batch, "labels": None}).logits
+    labels = batch["labels"].masked_fill(batch["input_ids"] == model.image_token_id, -100)
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert out.logits.shape[1] < full.shape[1]  # the prompt and image positions skipped the LM head
+    assert torch.allclose(out.logits, full[:, -out.logits.shape[1]:], atol=1e-5)

@@ -512,3 +512,20 @@ def make_phantom_dataset(out_dir: str, cfg: PhantomConfig, progress=None) -> dic
 def read_findings(root: str) -> dict[str, dict]:
     with open(os.path.join(root, "findings.jsonl"), encoding="utf-8") as f:
         return {r["id"]: r for r in map(json.loads, f)}
+
+
+def lesion_slices(finding: dict, spec) -> np.ndarray | None:
+    """Which slices (D axis) of the preprocessed tensor hold the case's largest lesion, as a bool
+    array of length D; None when the case has no lesion. ``finding`` is a ``findings.jsonl`` row."""
+    from components.data.preprocess import get_spec, grid_affine
+
+    if not finding["lesions"]:
+        return None
+    main = max(finding["lesions"], key=lambda l: l["size_mm"])
+    spec = get_spec(spec)
+    out = grid_affine(np.array(finding["affine"]), finding["shape"], spec)
+    centre_d = (np.linalg.inv(out) @ np.append(main["centre_mm"], 1.0))[2]
+    radius_d = main["size_mm"] / 2 / np.linalg.norm(out[:3, 2])
+    k = np.arange(spec.size[0])
+    # a slice holds the lesion when its slab [k - 0.5, k + 0.5] overlaps the sphere's extent
+    return (k + 0.5 > centre_d - radius_d) & (k - 0.5 < centre_d + radius_d)

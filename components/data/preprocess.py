@@ -117,8 +117,14 @@ def acquisition_plane(affine: np.ndarray) -> str:
 
 def output_grid(vol: Volume, spec: PreprocessSpec) -> np.ndarray:
     """The 4x4 affine (output voxel (w, h, d) -> RAS mm) of the spec's output grid for ``vol``."""
-    A = vol.affine
-    in_shape = np.array(vol.array.shape, dtype=np.float64)
+    return grid_affine(vol.affine, vol.array.shape, spec)
+
+
+def grid_affine(affine: np.ndarray, shape, spec: PreprocessSpec) -> np.ndarray:
+    """:func:`output_grid` from a source affine and voxel shape alone (e.g. to map findings in mm
+    onto the training tensor without reading the volume)."""
+    A = np.asarray(affine, dtype=np.float64)
+    in_shape = np.array(shape, dtype=np.float64)
     in_spacing = np.linalg.norm(A[:3, :3], axis=0)
     if spec.orientation == "RAS":
         frame = _FRAMES["RAS"]

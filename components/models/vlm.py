@@ -251,12 +251,25 @@ class VolumeVLM(nn.Module):
                 labels: torch.Tensor | None = None, question_ids: torch.Tensor | None = None,
                 question_attention_mask: torch.Tensor | None = None, volume_2d: torch.Tensor | None = None,
                 **llm_kwargs) -> VolumeVLMOutput:
+        """Logits over the whole sequence; with ``labels``, the mean next-token loss on the answer and
+        logits for the sequence's tail only, from the position before the earliest answer token on."""
         image_embeds, scores = self.encode_images(volume, volume_2d, question_ids, question_attention_mask)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        if labels is not None:
-            labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
-        return VolumeVLMOutput(loss=out.loss, logits=out.logits, slice_scores=scores)
+        if labels is None:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **llm_kwargs)
+            return VolumeVLMOutput(logits=out.logits, slice_scores=scores)
+        labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        # Only positions that predict an answer token need the LM head. Image and prompt tokens
+        # make up most of a sequence, and the head's vocabulary-wide matmul dominates small models.
+        labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+        keep = labels.shape[1] - max(first - 1, 0)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=keep, **llm_kwargs)
+        logits = out.logits[:, :-1].float()
+        targets = labels[:, labels.shape[1] - keep + 1:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=IGNORE_INDEX)
+        return VolumeVLMOutput(loss=loss, logits=out.logits, slice_scores=scores)
 
     @torch.no_grad()
     def generate(self, volume: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
