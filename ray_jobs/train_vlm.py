@@ -58,7 +58,7 @@ class VLMJobConfig(TrainingSections):
             raise ValueError("stage: 'finetune' tunes the LLM; set model.tune.llm to lora (or full)")
 
     def make_stage(self):
-        return VLMStage(self.model, self.stage, self.data.tasks)
+        return VLMStage(self.model, self.stage, self.data.tasks, self.data.images)
 
 
 def main(argv=None):

@@ -102,3 +102,16 @@ def test_vlm_stage_collates_prompts_and_masks_labels(tmp_path):
     assert torch.isfinite(loss) and tokens > 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(("perceiver" in n) or ("lora_" in n) for n in trainable)
+
+
+def test_blind_baselines_hide_or_misplace_the_volume():
+    from components.training.stages import blind
+
+    vols = torch.arange(3, dtype=torch.float32).reshape(3, 1, 1, 1, 1).expand(3, 1, 2, 2, 2).clone()
+    assert torch.equal(blind(vols, "real"), vols)
+    assert not blind(vols, "zeros").any()
+    shuffled = blind(vols, "shuffled")
+    assert all(not torch.equal(shuffled[i], vols[i]) for i in range(3))  # no sample keeps its own volume
+    assert sorted(shuffled[:, 0, 0, 0, 0].tolist()) == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="images"):
+        blind(vols, "noise")

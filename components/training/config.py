@@ -109,6 +109,9 @@ class DataSection:
     """Batches per worker in each validation pass (its first ones, in order: every pass sees the same)."""
     cpus_per_task: float = 0.1
     """CPUs each Ray Data read/filter task reserves while streaming to the trainers."""
+    images: Literal["real", "zeros", "shuffled"] = "real"
+    """VLM stages: ``zeros`` or ``shuffled`` (volumes rotated one place within each batch) train a
+    blind baseline with the same recipe, to show how much the image informs the answers."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-time augmentation."""
 

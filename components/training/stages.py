@@ -21,6 +21,17 @@ def _volumes(rows: dict, aug, device) -> torch.Tensor:
     return torch.as_tensor(augment_batch(aug, vols)).to(device)
 
 
+def blind(volumes: torch.Tensor, images: str) -> torch.Tensor:
+    """``real`` volumes as they are; ``zeros``; or ``shuffled``: each sample gets the next one's volume."""
+    if images == "zeros":
+        return torch.zeros_like(volumes)
+    if images == "shuffled":
+        return volumes.roll(1, dims=0)
+    if images != "real":
+        raise ValueError(f"images must be real, zeros or shuffled, got {images!r}")
+    return volumes
+
+
 def _counts(model: torch.nn.Module) -> dict[str, int]:
     # a ZeRO-3 partitioned parameter holds an empty tensor; ds_numel is its full size
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
@@ -122,8 +133,8 @@ class VLMStage:
 
     needs_samples = True
 
-    def __init__(self, vlm_cfg, stage: str, tasks):
-        self.cfg, self.name, self.tasks = vlm_cfg, stage, tuple(tasks)
+    def __init__(self, vlm_cfg, stage: str, tasks, images: str = "real"):
+        self.cfg, self.name, self.tasks, self.images = vlm_cfg, stage, tuple(tasks), images
 
     def build_model(self, init_from: str | None):
         from components.models.builders import build_vlm
@@ -153,7 +164,7 @@ class VLMStage:
             examples.append(model.build_example(question, answer))
         batch = model.collate(examples)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch["volume"] = _volumes(rows, aug, device)
+        batch["volume"] = blind(_volumes(rows, aug, device), self.images)
         return batch
 
     def forward(self, model, inputs: dict):
