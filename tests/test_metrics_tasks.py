@@ -160,3 +160,20 @@ def test_run_result_schema_round_trip(tmp_path):
     bad_task = dict(loaded, tasks=[dict(loaded["tasks"][0], micro={"accuracy": "high"})])
     with pytest.raises(ValueError, match=r"tasks\[0\]\.micro\.accuracy"):
         R.validate_result(bad_task)
+
+
+def test_lesion_attention_compares_against_the_slices_share(tmp_path):
+    from components.metrics.slice_attention import lesion_attention, plot_slice_attention
+
+    mask = np.zeros(8, bool)
+    mask[2:4] = True
+    uniform = np.full(8, 1 / 8)
+    focused = np.where(mask, 0.3, 0.4 / 6)
+    r = lesion_attention([uniform, focused], [mask, mask], ["organ", "location"])
+    assert r["lesion_slice_share"] == pytest.approx(0.25)
+    assert r["attention_on_lesion"] == pytest.approx((0.25 + 0.6) / 2)
+    assert r["questions_above_share"] == 0.5 and r["per_type"]["location"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="shape"):
+        lesion_attention([uniform], [mask[:4]])
+    png = plot_slice_attention([uniform, focused], [mask, mask], ["q1", "q2"], "t", str(tmp_path / "h.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
