@@ -20,7 +20,7 @@ import numpy as np
 
 from components.data.storage import join, open_fs, pyarrow_fs
 
-__all__ = ["IMAGE_MODES", "EVAL_TASKS", "read_samples", "read_volumes", "read_spec", "tensor_column",
+__all__ = ["IMAGE_MODES", "EVAL_TASKS", "read_samples", "volume_shards", "read_volumes", "read_spec", "tensor_column",
            "image_sources", "apply_images"]
 
 IMAGE_MODES = ("real", "zeros", "shuffled")
@@ -29,15 +29,22 @@ EVAL_TASKS = ("caption", "vqa_open", "vqa_closed", "vqa_yn", "diagnosis")
 
 def read_samples(data_path: str, split: str = "test", tasks: Iterable[str] = EVAL_TASKS,
                  limit: int | None = None, storage: dict | None = None) -> list[dict]:
-    """Sample records of one split and the given tasks, in file order; ``limit`` keeps the first N."""
+    """Sample records of one split and the given tasks, in file order; ``limit`` keeps the first N of
+    each task (so a short run still covers every task)."""
     import pyarrow.parquet as pq
 
     tasks = tuple(tasks)
     fs, path = open_fs(join(data_path, "samples.parquet"), storage)
     with fs.open(path, "rb") as f:
         rows = pq.read_table(f).to_pylist()
-    samples = [r for r in rows if r["split"] == split and r["task"] in tasks]
-    return samples[:limit] if limit is not None else samples
+    kept: dict[str, int] = {}
+    samples = []
+    for row in rows:
+        task = row["task"]
+        if row["split"] == split and task in tasks and (limit is None or kept.get(task, 0) < limit):
+            kept[task] = kept.get(task, 0) + 1
+            samples.append(row)
+    return samples
 
 
 def tensor_column(column, field) -> np.ndarray:
@@ -54,13 +61,25 @@ def tensor_column(column, field) -> np.ndarray:
     return values.reshape(len(array), *shape)
 
 
-def read_volumes(data_path: str, ids: Iterable[str] | None = None, split: str | None = None,
-                 storage: dict | None = None) -> dict[str, np.ndarray]:
-    """``{volume id: (1, D, H, W) array}`` of the wanted ids (and/or split) from the volume shards."""
+def volume_shards(data_path: str, ids: Iterable[str] | None = None, storage: dict | None = None) -> list[str]:
+    """Paths of the volume shard files (holding any of ``ids``), sorted, as :func:`pyarrow_fs` names them."""
     import pyarrow.dataset as pads
 
     pfs, path = pyarrow_fs(join(data_path, "volumes"), storage)
     dataset = pads.dataset(path, filesystem=pfs, format="parquet")
+    wanted = None if ids is None else set(ids)
+    return sorted(f.path for f in dataset.get_fragments()
+                  if wanted is None or wanted & set(f.to_table(columns=["id"]).column("id").to_pylist()))
+
+
+def read_volumes(data_path: str, ids: Iterable[str] | None = None, split: str | None = None,
+                 storage: dict | None = None, shards: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{volume id: (1, D, H, W) array}`` of the wanted ids (and/or split) from the volume shards
+    (all of them, or the given ``shards`` files)."""
+    import pyarrow.dataset as pads
+
+    pfs, path = pyarrow_fs(join(data_path, "volumes"), storage)
+    dataset = pads.dataset(list(shards) if shards is not None else path, filesystem=pfs, format="parquet")
     condition = None
     if ids is not None:
         condition = pads.field("id").isin(sorted(set(ids)))

@@ -23,7 +23,7 @@ def evaluate_split(model_or_dir, data_path: str, split: str = "test", tasks: Ite
 
     ``model_or_dir`` is a ``VolumeVLM`` or a model/checkpoint/run folder (see :func:`load_model`).
     ``images``: ``real`` | ``zeros`` | ``shuffled`` (see :mod:`components.evaluation.data`);
-    ``seed`` fixes the shuffle. ``limit`` keeps the first N samples of the split.
+    ``seed`` fixes the shuffle. ``limit`` keeps the first N samples of each task.
     """
     samples = read_samples(data_path, split, tasks, limit, storage)
     if not samples:

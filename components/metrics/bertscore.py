@@ -42,6 +42,7 @@ class BertScoreSettings:
     batch_size: int = 32
     """Sentences per forward pass; does not change the scores (32 is fastest on CPU)."""
     device: str = "cpu"
+    """Torch device of the BERTScore model."""
     use_fast_tokenizer: bool = False
     """As evaluate's ``bertscore`` module passes it (ignored by transformers >= 5)."""
 

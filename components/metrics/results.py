@@ -59,12 +59,19 @@ class GenerationSettings:
     do_sample: bool = False
     """Sample instead of greedy/beam decoding; a real boolean."""
     num_beams: int = 1
+    """Beams for beam search; 1 = greedy when not sampling."""
     max_new_tokens: int = 256
+    """Generated tokens per answer at most."""
     temperature: float = 1.0
+    """Softmax temperature; used only when sampling."""
     top_p: float | None = None
+    """Nucleus sampling mass; used only when sampling (None = off)."""
     top_k: int | None = None
+    """Sample among the k likeliest tokens; used only when sampling (None = off)."""
     repetition_penalty: float = 1.0
+    """Penalty on tokens already generated (1.0 = none)."""
     seed: int = 42
+    """Torch seed set before sampling."""
 
     def __post_init__(self) -> None:
         # argparse's type=bool turns the string "False" into True; refuse anything but a bool.
