@@ -117,17 +117,13 @@ class ReferenceScorers:
         raise KeyError(name)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
+def compare(pairs: int = 2000, seed: int = 0) -> dict:
+    """Time and compare both ways of scoring; prints the table and returns the totals."""
     from components.metrics import text as text_metrics
     from components.metrics.language_data import require_language_data
 
     require_language_data()
-    predictions, references = synthetic_pairs(args.pairs, args.seed)
+    predictions, references = synthetic_pairs(pairs, seed)
     predictions = [p.strip() for p in predictions]
     references = [r.strip() for r in references]
     suite = text_metrics.TextMetricSuite()
@@ -155,7 +151,7 @@ def main() -> None:
         suite_times[name] = time.perf_counter() - start
         suite_values[name], means[name] = result.per_sample[name], result.mean[name]
 
-    print(f"pairs: {args.pairs} (seed {args.seed}), distinct texts: {len(set(predictions) | set(references))}, "
+    print(f"pairs: {pairs} (seed {seed}), distinct texts: {len(set(predictions) | set(references))}, "
           f"BERTScore model: {bert.model_name} layer {bert.num_layers}")
     print(f"{'metric':<14}{'reference s':>12}{'suite s':>10}{'ratio':>8}{'max |diff|':>13}{'mean':>9}")
     worst = 0.0
@@ -169,6 +165,16 @@ def main() -> None:
     print(f"suite, whole list:             {suite_total:.2f} s")
     print(f"speed-up (reference / suite):  {ref_total / suite_total:.2f}x")
     print(f"max abs difference:            {worst:.2e}")
+    return {"reference_s": ref_total, "suite_s": suite_total, "speedup": ref_total / suite_total, "max_abs_diff": worst}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    compare(args.pairs, args.seed)
+
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -331,13 +333,16 @@ def main(argv=None):
         with open(summary["tables_markdown"], encoding="utf-8") as f:
             print(f.read())
     if not cfg.serve.shutdown_after:
+        from ray import serve
+
         print(f"[evaluate] serving {summary['url']}; Ctrl-C stops", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a process manager's stop shuts down like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            from ray import serve
-
+            pass
+        finally:
             serve.shutdown()
 
 

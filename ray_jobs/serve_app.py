@@ -49,8 +49,10 @@ class VolumeVLMServer:
     async def answer(self, requests: list[dict]) -> list[dict]:
         """Each request: ``{"volume": (1, D, H, W) array, "sample": sample record}``."""
         self.batch_sizes.append(len(requests))
-        return predict(self.model, [r["volume"] for r in requests], [r["sample"] for r in requests],
-                       self.settings, batch_size=len(requests))
+        # generation runs in a thread so the replica keeps accepting requests meanwhile: the next
+        # batch is already queued when this one ends (blocking the event loop halved batch sizes)
+        return await asyncio.to_thread(predict, self.model, [r["volume"] for r in requests],
+                                       [r["sample"] for r in requests], self.settings, len(requests))
 
     def info(self) -> dict:
         """The model description and the batch sizes formed so far (for checking batching works)."""
@@ -134,7 +136,7 @@ class TextScorerServer:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.1)
     async def score(self, pairs: list[tuple[str, str]]) -> list[dict]:
         # per-pair values do not depend on the batch (components.metrics.bertscore matches per pair)
-        result = self.suite.compute([p for p, _ in pairs], [r for _, r in pairs])
+        result = await asyncio.to_thread(self.suite.compute, [p for p, _ in pairs], [r for _, r in pairs])
         return [{name: values[i] for name, values in result.per_sample.items()} for i in range(len(pairs))]
 
     def describe(self) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 from components.config import from_dict, to_dict
 from components.data.storage import is_remote, join, open_fs, pyarrow_fs, write_bytes
 from components.training.loop import plan_steps, train
+from components.training.replay import EpochReplay
 from ray_jobs.common import init_ray
 
 
@@ -66,6 +67,30 @@ def split_ids(path: str, filesystem, split: str) -> set[str]:
     return {i for i, s in zip(table["id"].to_pylist(), table["split"].to_pylist()) if s == split}
 
 
+def volume_row_bytes(path: str, filesystem) -> float:
+    """Mean in-memory size of one row's volume, from the Parquet footers (no data is read)."""
+    import pyarrow.dataset as pads
+
+    size = rows = 0
+    for fragment in pads.dataset(path, filesystem=filesystem, format="parquet").get_fragments():
+        meta = fragment.metadata
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            size += sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                        if group.column(c).path_in_schema.split(".")[0] == "volume")
+    return size / max(rows, 1)
+
+
+def replay_fits(cfg, rows: int, micro: int, total: int) -> bool:
+    """Whether workers keep their shard in memory after the first epoch (``components.training.replay``):
+    only when the run lasts more than one epoch and every worker's shard fits ``data.replay_mb``."""
+    if cfg.data.replay_mb <= 0 or total <= micro // cfg.strategy.gradient_accumulation_steps:
+        return False
+    pfs, path = pyarrow_fs(join(cfg.data.path, "volumes"), to_dict(cfg.storage))
+    return rows // cfg.scaling.num_workers * volume_row_bytes(path, pfs) <= cfg.data.replay_mb * 2**20
+
+
 def training_dataset(cfg, stage, split: str | None = None):
     """``(ray.data.Dataset, number of rows)`` for the stage: volumes, or volumes joined with samples,
     of ``split`` (default ``data.split``; ``data.limit`` applies to that one only)."""
@@ -103,15 +128,17 @@ def training_dataset(cfg, stage, split: str | None = None):
 class RaySession:
     """What the loop needs from Ray Train, on one worker."""
 
-    def __init__(self, seed: int, shuffle_buffer: int):
+    def __init__(self, seed: int, shuffle_buffer: int, prefetch_batches: int = 1, replay: bool = False):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.prefetch_batches = seed, shuffle_buffer, prefetch_batches
         self.shard = ray.train.get_dataset_shard("train")
+        self.replay = EpochReplay(seed * 1000 + self.world_rank) if replay else None
+        self.report_wait_s = 0.0
         self.val_shard = None
 
     @contextlib.contextmanager
@@ -126,11 +153,13 @@ class RaySession:
             yield d
 
     def batches(self, epoch: int, batch_size: int):
-        kwargs = {}
+        kwargs = {"prefetch_batches": self.prefetch_batches}
         if self.shuffle_buffer:
             kwargs.update(local_shuffle_buffer_size=self.shuffle_buffer,
                           local_shuffle_seed=self.seed * 1000 + epoch * 10 + self.world_rank)
-        return _numpy_batches(self.shard, batch_size, **kwargs)
+        if self.replay is None:
+            return _numpy_batches(self.shard, batch_size, **kwargs)
+        return self.replay.batches(epoch, batch_size, lambda: _numpy_batches(self.shard, batch_size, **kwargs))
 
     def val_batches(self, batch_size: int):
         import ray.train
@@ -143,7 +172,12 @@ class RaySession:
         import ray.train
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        # the worker's clock (the controller stamps ``time`` only when it collects a report, up to its
+        # poll interval later) and how long the previous report held training up
+        metrics = {**metrics, "reported_at": time.time(), "report_wait_s": self.report_wait_s}
+        t = time.perf_counter()
         ray.train.report(metrics, checkpoint=ckpt)
+        self.report_wait_s = time.perf_counter() - t
 
 
 def _numpy_batches(shard, batch_size: int, **kwargs):
@@ -161,7 +195,7 @@ def worker_loop(config: dict):
     job_cls = getattr(importlib.import_module(module), name)
     cfg = from_dict(job_cls, config["job"])
     stage = cfg.make_stage()
-    session = RaySession(cfg.run.seed, cfg.data.shuffle_buffer)
+    session = RaySession(cfg.run.seed, cfg.data.shuffle_buffer, cfg.data.prefetch_batches, config.get("replay", False))
     train(session, cfg, stage, config["micro_per_epoch"], config["total_steps"])
 
 
@@ -199,7 +233,7 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
 
                     self.writer = SummaryWriter(tb_dir)
                 for k, v in m.items():
-                    if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    if isinstance(v, (int, float)) and k not in ("step", "time", "reported_at"):
                         self.writer.add_scalar(f"train/{k}", v, m["step"])
                 self.writer.flush()
             body = "".join(json.dumps(h) + "\n" for h in self.history).encode()
@@ -266,8 +300,10 @@ def fit(cfg, job_class: str) -> dict:
     ds, rows = training_dataset(cfg, stage)
     sc = cfg.scaling
     micro, total = plan_steps(cfg, rows, sc.num_workers)
+    replay = replay_fits(cfg, rows, micro, total)
     print(f"[train] {cfg.run.name}: {rows} training rows, {sc.num_workers} workers x batch {cfg.data.batch_size}"
-          f" -> {micro} batches per worker per epoch, {total} optimizer steps", flush=True)
+          f" -> {micro} batches per worker per epoch, {total} optimizer steps"
+          f"{'; epochs after the first replay from memory' if replay else ''}", flush=True)
     datasets = {"train": ds}
     if cfg.run.val_every_n_steps is not None:  # a second dataset, sharded like the first
         datasets["val"], _ = training_dataset(cfg, stage, split=cfg.data.val_split)
@@ -286,7 +322,7 @@ def fit(cfg, job_class: str) -> dict:
     env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "OMP_NUM_THREADS": str(max(1, int(sc.cpus_per_worker)))}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"job": to_dict(cfg), "job_class": job_class, "micro_per_epoch": micro,
+        train_loop_config={"job": to_dict(cfg), "job_class": job_class, "micro_per_epoch": micro, "replay": replay,
                            "total_steps": total},
         torch_config=TorchConfig(backend=None if cfg.strategy.backend == "auto" else cfg.strategy.backend),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,

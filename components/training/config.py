@@ -109,6 +109,12 @@ class DataSection:
     """Batches per worker in each validation pass (its first ones, in order: every pass sees the same)."""
     cpus_per_task: float = 0.1
     """CPUs each Ray Data read/filter task reserves while streaming to the trainers."""
+    prefetch_batches: int = 2
+    """Batches each worker's Ray Data iterator prepares ahead of the training step."""
+    replay_mb: int = 1024
+    """When every worker's shard is at most this many MiB and the run lasts several epochs, each worker
+    keeps its shard in memory after the first epoch and replays it reshuffled, instead of Ray Data
+    restarting its pipeline each epoch (seconds per restart); 0 = stream every epoch."""
     images: Literal["real", "zeros", "shuffled"] = "real"
     """VLM stages: ``zeros`` or ``shuffled`` (volumes rotated one place within each batch) train a
     blind baseline with the same recipe, to show how much the image informs the answers."""
@@ -139,7 +145,9 @@ class RunSection:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs when reached first)."""
     report_every_n_steps: int = 10
-    """Metrics cadence (each report costs about a second on Ray)."""
+    """Metrics cadence. Ray Train's controller collects one report per worker every 2 s
+    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and a report blocks training until the previous one has been
+    collected: choose N so that N steps take a few seconds at least (``report_wait_s`` shows the cost)."""
     val_every_n_steps: int | None = None
     """Validation-loss cadence in optimizer steps (and always at the end); null = no validation.
     The loss is reported as ``val_loss`` (what a sweep's ASHA scheduler compares)."""

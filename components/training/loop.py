@@ -162,6 +162,7 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
                 if validate:
                     last["val_loss"] = validation_loss(session, stage, engine, cfg.data)
                 _report(session, stage, engine, state, last, save, rank)
+                t_ready = time.perf_counter()  # validating and reporting are not waiting for data
             if done:
                 break
         if state.step >= total_steps:
