@@ -1,15 +1,24 @@
 """Ray Train overhead: the same model, batch and steps as a bare PyTorch loop and as a Ray Train run.
 
-    python -m benchmarks.train_overhead [--steps 40] [--data data/preprocessed/phantom-quickstart]
+    python -m benchmarks.train_overhead [--steps 200] [--data data/preprocessed/phantom-quickstart]
 
-Prints steady-state steps/s for (a) a bare loop in this process over batches held in memory and
-(b) Ray Train with one worker streaming the same Parquet shards (start-up printed separately), the
-ratio, then DDP vs DeepSpeed ZeRO-2 on two CPU workers, and the share of step time spent waiting
-for data. Run the quickstart (or ray_jobs.preprocess) first so the shards exist.
+(a) A bare loop in this process, over batches held in memory, timed before and after the Ray runs
+    (the CPU may be shared; both figures are printed and ratios use their mean).
+(b) Ray Train with one worker streaming the same Parquet shards. Steady-state steps/s comes from the
+    worker's own clock, from the report closing the warm-up window (--steps/4 steps) to the last one,
+    with reports as often as that window. Start-up (fit() to the first step, less the warm-up steps at
+    the steady rate) and teardown are printed separately.
+(c) DDP and DeepSpeed ZeRO-2 on two CPU workers.
+(d) The data-wait share of step time, and one worker streaming every epoch from Parquet
+    (``data.replay_mb=0``), where each epoch restarts the Ray Data pipeline.
+(e) The controller's progress callback: time per report, against the 2 s between the controller's polls.
+Run the quickstart (or ray_jobs.preprocess) first so the shards exist.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -23,8 +32,16 @@ MODEL = {"encoder": {"volume_size": [32, 64, 64], "patch_size": [8, 8, 8], "widt
 BATCH = 4
 
 
-def bare_loop(data: str, steps: int) -> float:
+def train_volumes(data: str) -> np.ndarray:
     import pyarrow.dataset as pads
+
+    table = pads.dataset(os.path.join(data, "volumes"), format="parquet").to_table(columns=["volume", "split"])
+    vols = [np.asarray(v, np.float32) for v, s in zip(table["volume"].to_numpy(zero_copy_only=False),
+                                                      table["split"].to_pylist()) if s == "train"]
+    return np.stack([v.reshape(1, 32, 64, 64) for v in vols])
+
+
+def bare_loop(vols: np.ndarray, steps: int, warmup: int) -> float:
     import torch
 
     from components.config import from_dict
@@ -32,10 +49,6 @@ def bare_loop(data: str, steps: int) -> float:
 
     torch.set_num_threads(1)  # a Ray worker with one CPU gets one thread too
     torch.manual_seed(0)
-    table = pads.dataset(os.path.join(data, "volumes"), format="parquet").to_table(columns=["volume", "split"])
-    vols = [np.asarray(v, np.float32) for v, s in zip(table["volume"].to_numpy(zero_copy_only=False),
-                                                      table["split"].to_pylist()) if s == "train"]
-    vols = np.stack([np.asarray(v).reshape(1, 32, 64, 64) for v in vols])
     model = build_mae(from_dict(MAEConfig, MODEL))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [torch.as_tensor(vols[i:i + BATCH]) for i in range(0, len(vols) - BATCH + 1, BATCH)]
@@ -47,7 +60,7 @@ def bare_loop(data: str, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for i in range(3):
+    for i in range(warmup):
         step(i)
     t = time.perf_counter()
     for i in range(steps):
@@ -55,58 +68,95 @@ def bare_loop(data: str, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def ray_run(data: str, steps: int, workers: int, strategy: list[str]) -> dict:
+def ray_run(data: str, steps: int, warmup: int, workers: int, overrides: dict) -> dict:
     from components.config import from_dict
     from ray_jobs.pretrain_mae import MAEJobConfig
     from ray_jobs.train_common import fit
 
     out = tempfile.mkdtemp(prefix="radray-bench-train-")
     try:
-        cfg = from_dict(MAEJobConfig, {
-            "model": MODEL, "data": {"path": os.path.abspath(data), "batch_size": BATCH, "augment": {"enabled": False},
-                                     "shuffle_buffer": 0},
-            "optim": {"lr": 1e-3}, "scaling": {"num_workers": workers, "cpus_per_worker": 1.0 if workers == 1 else 0.5},
-            "checkpoint": {"every_n_steps": 10**6}, "run": {"name": "bench", "storage_path": out, "epochs": 100,
-                                                           "max_steps": steps, "report_every_n_steps": 5}})
-        for item in strategy:
-            key, value = item.split("=")
+        job = {"model": MODEL, "data": {"path": os.path.abspath(data), "batch_size": BATCH,
+                                        "augment": {"enabled": False}, "shuffle_buffer": 0},
+               "optim": {"lr": 1e-3}, "scaling": {"num_workers": workers, "cpus_per_worker": 1.0 if workers == 1 else 0.5},
+               "checkpoint": {"every_n_steps": 10**6},
+               "run": {"name": "bench", "storage_path": out, "epochs": 10**4, "max_steps": warmup + steps,
+                       "report_every_n_steps": warmup}}
+        for key, value in overrides.items():
             section, field = key.split(".")
-            setattr(getattr(cfg, section), field, int(value) if value.isdigit() else value)
+            job.setdefault(section, {})[field] = value
         t0 = time.time()
-        summary = fit(cfg, "ray_jobs.pretrain_mae.MAEJobConfig")
-        wall = time.time() - t0
+        fit(from_dict(MAEJobConfig, job), "ray_jobs.pretrain_mae.MAEJobConfig")
+        t_end = time.time()
         with open(os.path.join(out, "bench", "metrics.jsonl"), encoding="utf-8") as f:
             hist = [json.loads(line) for line in f if line.strip()]
-        steady = hist[1:]  # the first window includes pipeline start-up
-        rate = (steady[-1]["step"] - hist[0]["step"]) / (steady[-1]["time"] - hist[0]["time"])
-        wait = float(np.mean([h["data_wait_frac"] for h in steady]))
-        return {"steps_per_s": rate, "startup_s": wall - steps / rate, "data_wait": wait, "summary": summary}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    first, last, steady = hist[0], hist[-1], hist[1:]
+    rate = (last["step"] - first["step"]) / (last["reported_at"] - first["reported_at"])
+    return {"steps_per_s": rate, "startup_s": first["reported_at"] - t0 - first["step"] / rate,
+            "teardown_s": t_end - last["reported_at"],
+            "data_wait": float(np.mean([h["data_wait_frac"] for h in steady])),
+            "report_wait_s": float(np.mean([h["report_wait_s"] for h in steady]))}
+
+
+def callback_cost(reports: int = 50) -> float:
+    """Seconds per ``after_report`` of the controller's progress callback (metrics log + TensorBoard)."""
+    from ray_jobs.train_common import _progress_callback
+
+    out = tempfile.mkdtemp(prefix="radray-bench-cb-")
+    try:
+        cb = _progress_callback(reports, os.path.join(out, "metrics.jsonl"), os.path.join(out, "tb"), {})
+        m = {"loss": 1.0, "lr": 1e-3, "samples_per_s": 30.0, "tokens_per_s": 0.0, "data_wait_frac": 0.0,
+             "epoch": 0, "samples_seen": 0, "resumed_from": 0, "reported_at": 0.0, "report_wait_s": 0.0}
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            t = time.perf_counter()
+            for step in range(1, reports + 1):
+                cb.after_report(None, [{**m, "step": step}], None)
+            return (time.perf_counter() - t) / reports
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _line(label: str, r: dict) -> str:
+    return (f"{label:<40}{r['steps_per_s']:6.2f} steps/s   start-up {r['startup_s']:.1f} s, "
+            f"teardown {r['teardown_s']:.1f} s, data-wait {100 * r['data_wait']:.1f} %, "
+            f"report wait {r['report_wait_s']:.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=200, help="steady-state steps per run (after a warm-up of steps/4)")
     ap.add_argument("--data", default="data/preprocessed/phantom-quickstart")
     args = ap.parse_args()
     os.environ.setdefault("RADRAY_PROGRESS", "0")
     from ray_jobs.common import RayConfig, init_ray
 
     init_ray(RayConfig())
-    bare = bare_loop(args.data, args.steps)
-    one = ray_run(args.data, args.steps, 1, [])
-    ddp = ray_run(args.data, args.steps, 2, [])
-    zero2 = ray_run(args.data, args.steps, 2, ["strategy.name=deepspeed", "strategy.zero_stage=2"])
-    print(f"\nMAE ViT (width 192, depth 4) on 32x64x64, batch {BATCH} per worker, {args.steps} steps, CPU")
-    print(f"(a) bare PyTorch loop, 1 process:       {bare:6.2f} steps/s")
-    print(f"(b) Ray Train, 1 worker (Parquet):      {one['steps_per_s']:6.2f} steps/s   start-up {one['startup_s']:.1f} s")
-    print(f"    Ray Train overhead:                 {100 * (bare / one['steps_per_s'] - 1):+.1f} %  (target <= 10 %)")
-    print(f"(c) DDP, 2 workers:                     {ddp['steps_per_s']:6.2f} steps/s   start-up {ddp['startup_s']:.1f} s")
-    print(f"    DeepSpeed ZeRO-2, 2 workers:        {zero2['steps_per_s']:6.2f} steps/s   start-up {zero2['startup_s']:.1f} s")
+    steps, warmup = args.steps, max(1, args.steps // 4)
+    vols = train_volumes(args.data)
+    bare = [bare_loop(vols, steps, warmup)]
+    one = ray_run(args.data, steps, warmup, 1, {})
+    ddp = ray_run(args.data, steps, warmup, 2, {})
+    zero2 = ray_run(args.data, steps, warmup, 2, {"strategy.name": "deepspeed", "strategy.zero_stage": 2})
+    stream = ray_run(args.data, steps, warmup, 1, {"data.replay_mb": 0})
+    bare.append(bare_loop(vols, steps, warmup))
+    ref = float(np.mean(bare))
+    per_epoch = len(vols) // BATCH
+    print(f"\nMAE ViT (width 192, depth 4) on 32x64x64, batch {BATCH} per worker, {warmup} warm-up + {steps} "
+          f"timed steps, CPU; {len(vols)} training volumes ({per_epoch} steps per epoch with one worker)")
+    print(f"(a) bare PyTorch loop, 1 process:       {bare[0]:6.2f} steps/s before, {bare[1]:.2f} after "
+          f"(mean {ref:.2f})")
+    print(_line("(b) Ray Train, 1 worker (Parquet):", one))
+    print(f"    Ray Train overhead:                 {100 * (ref / one['steps_per_s'] - 1):+.1f} %  (target <= 10 %)")
+    print(_line("(c) DDP, 2 workers:", ddp))
+    print(_line("    DeepSpeed ZeRO-2, 2 workers:", zero2))
     print(f"    ZeRO-2 / DDP:                       {zero2['steps_per_s'] / ddp['steps_per_s']:.2f}x")
-    print(f"(d) data-wait share of step time (streaming Parquet): 1 worker {100 * one['data_wait']:.1f} %, "
-          f"DDP {100 * ddp['data_wait']:.1f} %, ZeRO-2 {100 * zero2['data_wait']:.1f} %")
+    print(_line("(d) 1 worker, every epoch from Parquet:", stream))
+    restart = (1 / stream["steps_per_s"] - 1 / one["steps_per_s"]) * per_epoch
+    print(f"    Ray Data pipeline restart:          {restart:.2f} s per epoch "
+          f"(epochs after the first replay from memory in (b))")
+    print(f"(e) controller progress callback:       {1000 * callback_cost():.1f} ms per report "
+          f"(the controller polls workers every 2 s)")
 
 
 if __name__ == "__main__":
