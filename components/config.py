@@ -54,6 +54,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1 and value is not None:
+            raise ConfigError(errors[0])  # Optional[X]: X's own error names the field inside it
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in args:

@@ -125,6 +125,16 @@ def training_dataset(cfg, stage, split: str | None = None):
 
 # --- the Ray session ------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def checkpoint_directory(ckpt):
+    """A Ray checkpoint (or None) as a local folder (or None) for the loop."""
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as d:
+        yield d
+
+
 class RaySession:
     """What the loop needs from Ray Train, on one worker."""
 
@@ -141,16 +151,10 @@ class RaySession:
         self.report_wait_s = 0.0
         self.val_shard = None
 
-    @contextlib.contextmanager
     def latest_checkpoint(self):
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield d
+        return checkpoint_directory(ray.train.get_checkpoint())
 
     def batches(self, epoch: int, batch_size: int):
         kwargs = {"prefetch_batches": self.prefetch_batches}
@@ -285,8 +289,9 @@ def run_dir(cfg) -> str:
     return join(base, cfg.run.name)
 
 
-def fit(cfg, job_class: str) -> dict:
-    """Build and run the TorchTrainer for a job config; returns a summary with paths."""
+def fit(cfg, job_class: str, callbacks: list | None = None) -> dict:
+    """Build and run the TorchTrainer for a job config; returns a summary with paths.
+    ``callbacks``: further Ray Train callbacks (a sweep trial forwards the reports to Tune with one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -330,7 +335,7 @@ def fit(cfg, job_class: str) -> dict:
         run_config=RunConfig(name=cfg.run.name, **storage_kwargs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             callbacks=[_progress_callback(total, metrics_uri, tb_dir, storage)],
+                             callbacks=[_progress_callback(total, metrics_uri, tb_dir, storage), *(callbacks or [])],
                              worker_runtime_env={"env_vars": env}),
         datasets=datasets,
     )

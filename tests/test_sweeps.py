@@ -1,0 +1,197 @@
+"""Ray Tune sweeps on a local Ray (no mocks): every shipped CPU sweep runs and renders its table (ASHA
+stopping rows of one), an interrupted sweep resumes without rerunning finished trials, a trial with
+two workers runs a TorchTrainer; every sweep YAML loads and a bad one fails naming the field."""
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from components.config import ConfigError, load
+from ray_jobs.train_vlm import VLMJobConfig
+from tune.config import load_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEPS = ["e3d_perceivers", "med2e3_encoders", "med2e3_aggregation", "med2e3_scoring", "med3dvlm_projectors",
+          "lr_lora_rank"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cpu_sweep(name, shards, tmp_path, *overrides):
+    return load_sweep(os.path.join(ROOT, "tune/cpu", f"{name}.yaml"), [
+        f"data_path={shards}", f"storage_path={tmp_path / 'sweeps'}", f"output_dir={tmp_path / 'out' / name}",
+        *overrides])
+
+
+def _rows(csv_path):
+    with open(csv_path, encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_every_shipped_sweep_yaml_loads_and_its_cpu_variant_has_the_same_rows_and_columns():
+    for name in SWEEPS:
+        full, full_recipes = load_sweep(os.path.join(ROOT, "tune", f"{name}.yaml"))
+        cpu, cpu_recipes = load_sweep(os.path.join(ROOT, "tune/cpu", f"{name}.yaml"))
+        assert [v.name for v in full.variants] == list(full_recipes) and len(full_recipes) >= 2, name
+        assert [v.name for v in cpu.variants] == list(cpu_recipes), name
+        if name != "lr_lora_rank":  # the CPU variant samples fewer ranks and rates
+            assert list(full_recipes) == list(cpu_recipes), name
+        assert [c.key for c in full.table.columns] == [c.key for c in cpu.table.columns], name
+        assert full.storage_path.startswith("s3://") and all(r["scaling"]["use_gpu"] for r in full_recipes.values())
+        assert all(r["scaling"]["num_workers"] == 1 for r in cpu_recipes.values())
+    assert sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "tune", "*.yaml"))) == sorted(SWEEPS)
+    # the rows really differ where the paper's table says they do
+    _, recipes = load_sweep(os.path.join(ROOT, "tune/e3d_perceivers.yaml"))
+    assert [r["model"]["perceiver"]["name"] for r in recipes.values()] == [
+        "qformer_global", "qformer_local", "mlp_mixer", "avg_pool", "max_pool", "conv3d"]
+    _, recipes = load_sweep(os.path.join(ROOT, "tune/med2e3_scoring.yaml"))
+    assert [r["model"]["fusion"]["scoring_inputs"] for r in recipes.values()] == [
+        ["3d"], ["2d"], ["3d", "2d"], ["text", "3d"], ["text", "2d"], ["text", "3d", "2d"]]
+    _, recipes = load_sweep(os.path.join(ROOT, "tune/med2e3_encoders.yaml"))
+    assert recipes["3D Only"]["model"]["encoder_2d"] is None and recipes["2D Only"]["model"]["fusion"]["output"] == "2d"
+
+
+def test_bad_sweep_configs_fail_at_load_naming_the_field(tmp_path):
+    path = os.path.join(ROOT, "tune/cpu/e3d_perceivers.yaml")
+    with pytest.raises(ConfigError, match=r"scheduler\.nmae: unknown key"):
+        load_sweep(path, ["scheduler.nmae=asha"])
+    with pytest.raises(ConfigError, match=r"num_samples: expected int"):
+        load_sweep(path, ["num_samples=many"])
+    with pytest.raises(ConfigError, match=r"scheduler\.name: expected one of 'none', 'asha'"):
+        load_sweep(path, ["scheduler.name=hyperband"])
+    with pytest.raises(ConfigError, match=r"variants \(Bad\): .*model\.perceiver\.nmae: unknown key"):
+        load_sweep(path, ["variants=[{name: Bad, overrides: [model.perceiver.nmae=conv3d]}]"])
+    with pytest.raises(ConfigError, match=r"variants \(Bad\): .*optim\.lr: expected float"):
+        load_sweep(path, ["variants=[{name: Bad, overrides: [optim.lr=fast]}]"])
+    with pytest.raises(ConfigError, match=r"search\[0\]: low/high"):
+        load_sweep(path, ["search=[{key: optim.lr, sampler: loguniform, low: 0.1, high: 0.01}]"])
+    with pytest.raises(ConfigError, match=r"recipe: .*optim\.lrr: unknown key"):
+        load_sweep(path, ["variants=[]", "search=[{key: optim.lrr, sampler: uniform, low: 0.1, high: 0.2}]"])
+    with pytest.raises(ConfigError, match=r"variants: names must be unique"):
+        load_sweep(path, ["variants=[{name: A}, {name: A}]"])
+    with pytest.raises(ConfigError, match=r"run\.init_from: a row that changes the model"):
+        load_sweep(path, [f"recipe_overrides=[run.init_from={tmp_path}]"])
+
+
+def _cli(name, shards, tmp_path, *overrides):
+    """``python -m tune.sweep`` for a CPU sweep, as a driver of its own on the tests' Ray."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "tune.sweep", "--config", os.path.join(ROOT, "tune/cpu", f"{name}.yaml"),
+           f"data_path={shards}", f"storage_path={tmp_path / 'sweeps'}", f"output_dir={tmp_path / 'out' / name}",
+           *overrides]
+    log = open(tmp_path / f"{name}.log", "w", encoding="utf-8")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_every_cpu_sweep_runs_and_renders_its_table(train_shards, tmp_path, ray_local):
+    # all six drivers at once: their trials queue for the two CPUs, so one sweep's trial-process
+    # start overlaps another's trials instead of leaving a core idle
+    procs = {name: _cli(name, train_shards, tmp_path) for name in SWEEPS}
+    for name, proc in procs.items():
+        assert proc.wait(600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    for name in SWEEPS:
+        cfg, _ = _cpu_sweep(name, train_shards, tmp_path)
+        printed = dict(line.split("] ", 1)[1].split(": ", 1) for line in (tmp_path / f"{name}.log").read_text(
+            encoding="utf-8").splitlines() if line.startswith("[sweep] ") and ": " in line.split("] ", 1)[1])
+        paths = {k: v for k, v in printed.items() if k in ("markdown", "csv", "chart", "best_recipe", "eval_tables")}
+        assert set(paths) == {"markdown", "csv", "chart", "best_recipe", "eval_tables"}, printed
+        assert all(os.path.exists(p) for p in paths.values()), paths
+        expected = len(cfg.variants) * (len(cfg.grid[0].values) if cfg.grid else 1)
+        header, *rows = _rows(paths["csv"])
+        # rows = the paper's rows (x grid values), in the config's order; columns = the table's metrics
+        assert len(rows) == expected and rows[0][0] == cfg.variants[0].name, (name, rows)
+        assert [c.label for c in cfg.table.columns] == header[len(header) - len(cfg.table.columns) - 2:-2], header
+        first = header.index(cfg.table.columns[0].label)
+        done = [r for r in rows if r[-1] == "done"]
+        assert done and all(cell != "-" for r in done for cell in r[first:first + len(cfg.table.columns)]), rows
+        assert all(float(r[-2]) > 0 for r in done)  # the validation loss of every finished row
+        assert not [r for r in rows if r[-1].startswith("error")], rows
+        with open(paths["markdown"], encoding="utf-8") as f:
+            markdown = f.read()
+        assert cfg.table.title in markdown and all(v.name in markdown for v in cfg.variants)
+        with open(paths["chart"], "rb") as f:
+            assert f.read(8) == PNG
+        best = load(VLMJobConfig, paths["best_recipe"])
+        assert best.run.name == f"{cfg.name}-best" and best.model is not None
+    # ASHA (lr_lora_rank) stopped the near-zero learning rates at its first rung; the first row finished
+    statuses = [r[-1] for r in _rows(os.path.join(tmp_path, "out", "lr_lora_rank", "lr_lora_rank_cpu.csv"))[1:]]
+    assert statuses[0] == "done" and "stopped early at step 2" in statuses, statuses
+    # Med-2E3 Table 5 keeps its tick columns; Med3DVLM's per-type tables come from the evaluation results
+    header = _rows(os.path.join(tmp_path, "out", "med2e3_scoring", "med2e3_scoring_cpu.csv"))[0]
+    assert header[:4] == ["Scoring", "Text", "3D", "2D"]
+    per_type = glob.glob(os.path.join(tmp_path, "out", "med3dvlm_projectors", "eval_tables", "vqa_closed_per_type__*.csv"))
+    assert per_type and {r[0] for r in _rows(per_type[0])[1:]} == {"2xMLP", "2xMLP-H", "1xMLP-Mixer-H", "2xMLP-Mixer-H"}
+
+
+def _trial_lines(exp_dir):
+    out = {}
+    for path in glob.glob(os.path.join(exp_dir, "trial_*", "result.json")):
+        with open(path, encoding="utf-8") as f:
+            out[os.path.basename(os.path.dirname(path))] = [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(train_shards, tmp_path, ray_local):
+    import ray
+
+    from tune.sweep import run_sweep
+
+    overrides = ["max_concurrent_trials=1", "variants=[{name: AvgPooling, overrides: [model.perceiver.name=avg_pool]}, "
+                 "{name: MaxPooling, overrides: [model.perceiver.name=max_pool]}, {name: Convolution}]"]
+    cfg, recipes = _cpu_sweep("e3d_perceivers", train_shards, tmp_path, *overrides)
+    exp = os.path.join(tmp_path, "sweeps", cfg.name)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": ROOT}
+    cli = [sys.executable, "-m", "tune.sweep", "--config", os.path.join(ROOT, "tune/cpu/e3d_perceivers.yaml"),
+           f"data_path={train_shards}", f"storage_path={tmp_path / 'sweeps'}", f"output_dir={tmp_path / 'out'}",
+           *overrides]
+    proc = subprocess.Popen(cli, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # the driver gets Ctrl+C as soon as the first trial has reported its evaluation
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if any("eval_result" in line for lines in _trial_lines(exp).values() for line in lines):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = _trial_lines(exp)
+    finished = [t for t, lines in before.items() if "eval_result" in lines[-1]]
+    assert len(finished) == 1 and len(before) < 3, {t: len(v) for t, v in before.items()}
+
+    out = run_sweep(cfg, recipes)
+    assert out["resumed"]
+    after = _trial_lines(exp)
+    assert after[finished[0]] == before[finished[0]]  # the finished trial was not run again
+    assert len(after) == 3 and len(out["grid"]) == 3 and out["grid"].num_errors == 0
+    assert [r[0] for r in _rows(out["paths"]["csv"])[1:]] == ["AvgPooling", "MaxPooling", "Convolution"]
+    assert all(r[-1] == "done" for r in _rows(out["paths"]["csv"])[1:])
+
+
+def test_a_trial_with_two_workers_runs_a_torch_trainer_with_a_validation_shard(train_shards, tmp_path, ray_local):
+    from tune.sweep import run_sweep
+
+    cfg, recipes = _cpu_sweep(
+        "e3d_perceivers", train_shards, tmp_path, "variants=[{name: Convolution}]",
+        # the trial's own process only drives the trainer: the CPUs go to its two workers and to Ray
+        # Data, whose file listing needs one whole free CPU
+        "resources_per_trial={CPU: 0.01}",
+        "recipe_overrides=[scaling.num_workers=2, scaling.cpus_per_worker=0.45, run.max_steps=2, run.val_every_n_steps=2]")
+    out = run_sweep(cfg, recipes)
+    (result,) = out["grid"]
+    assert result.error is None and result.metrics["step"] == 2
+    assert result.metrics["val_loss"] > 0 and "vqa_open/micro/meteor" in result.metrics
+    runs = glob.glob(os.path.join(tmp_path, "sweeps", cfg.name, "train_runs", f"{cfg.name}-*", "checkpoint_*"))
+    assert runs, "the trial's TorchTrainer wrote no checkpoint"
+    with open(os.path.join(os.path.dirname(runs[0]), "metrics.jsonl"), encoding="utf-8") as f:
+        assert "val_loss" in [json.loads(line) for line in f][-1]
+    assert len(_rows(out["paths"]["csv"])) == 2
