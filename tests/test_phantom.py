@@ -113,3 +113,22 @@ def test_lesion_slices_mark_where_the_lesion_is_in_the_training_tensor():
         assert touched[mask].mean() >= 0.5
     assert checked == {"axial", "coronal", "sagittal"}
     assert lesion_slices({**asdict(sample_case(0, cfg, "train")), "lesions": []}, "quickstart") is None
+
+
+def test_fixed_choice_order_keeps_the_letter_unguessable_without_the_image():
+    from components.data.phantom import _CLASSES, QUESTION_TYPES, sample_case, split_of, vqa_rows
+
+    cfg = PhantomConfig(n_volumes=400, seed=0, choice_order="fixed")
+    by_type = collections.defaultdict(collections.Counter)
+    for i in range(cfg.n_volumes):
+        case = sample_case(i, cfg, split_of(i, cfg))
+        for r in vqa_rows(case, "x", "r", np.random.default_rng(i), cfg.choice_order)[0]:
+            choices = [r[f"Choice {x}"] for x in "ABCD"]
+            qtype = QUESTION_TYPES[r["Question Type"]]
+            order = _CLASSES[qtype] + ["oblique"]
+            assert choices == sorted(choices, key=order.index)
+            by_type[qtype][r["Answer Choice"]] += 1
+    for qtype, letters in by_type.items():
+        # the best blind guess (the commonest letter) is chance, or 1/3 for the plane's three real planes
+        best = max(letters.values()) / sum(letters.values())
+        assert best < (0.40 if qtype == "plane" else 0.33), (qtype, letters)

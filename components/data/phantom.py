@@ -20,6 +20,7 @@ import csv
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -72,6 +73,9 @@ class PhantomConfig:
     """Train / validation / test shares, split by volume."""
     noise_hu: float = 12.0
     """Standard deviation of the added Gaussian noise."""
+    choice_order: Literal["shuffled", "fixed"] = "shuffled"
+    """Closed-ended choices in random order (as M3D-VQA), or in each question type's class order, so the
+    answer letter follows from the answer alone: a model trained from scratch in minutes can learn that."""
 
 
 @dataclass
@@ -436,7 +440,7 @@ VQA_COLUMNS = ["Image Path", "Text", "Question Type", "Question", "Choice A", "C
                "Answer", "Answer Choice"]
 
 
-def vqa_rows(case: Case, image_path: str, report: str, rng: np.random.Generator):
+def vqa_rows(case: Case, image_path: str, report: str, rng: np.random.Generator, choice_order: str = "shuffled"):
     """M3D-VQA rows (one per question type) and yes/no rows for one case."""
     rows, yn_rows = [], []
     for code, qtype in QUESTION_TYPES.items():
@@ -446,6 +450,9 @@ def vqa_rows(case: Case, image_path: str, report: str, rng: np.random.Generator)
         others = [c for c in _CLASSES[qtype] + _DISTRACTORS.get(qtype, []) if c != answer]
         choices = [answer, *rng.choice(others, size=3, replace=False).tolist()]
         rng.shuffle(choices)
+        if choice_order == "fixed":
+            order = _CLASSES[qtype] + _DISTRACTORS.get(qtype, [])
+            choices.sort(key=order.index)
         letter = "ABCD"[choices.index(answer)]
         rows.append(dict(zip(VQA_COLUMNS, [image_path, report, code, rng.choice(_TEMPLATES[qtype]),
                                            *choices, answer, letter])))
@@ -480,7 +487,7 @@ def make_phantom_dataset(out_dir: str, cfg: PhantomConfig, progress=None) -> dic
         with open(os.path.join(out_dir, "reports", f"{case.id}.txt"), "w", encoding="utf-8") as f:
             f.write(report)
         cap[case.split].append({"image": rel, "text": f"reports/{case.id}.txt"})
-        rows, yn_rows = vqa_rows(case, rel, report, rng)
+        rows, yn_rows = vqa_rows(case, rel, report, rng, cfg.choice_order)
         vqa[case.split] += rows
         yn[case.split] += yn_rows
         label_rows.append({"VolumeName": rel, **case.labels()})
