@@ -130,51 +130,52 @@ def test_every_cpu_sweep_runs_and_renders_its_table(train_shards, tmp_path, ray_
     assert per_type and {r[0] for r in _rows(per_type[0])[1:]} == {"2xMLP", "2xMLP-H", "1xMLP-Mixer-H", "2xMLP-Mixer-H"}
 
 
-def _trial_lines(exp_dir):
+def _trial_lines(fs, exp_dir):
+    """Every trial's reported results, from the experiment folder in storage."""
     out = {}
-    for path in glob.glob(os.path.join(exp_dir, "trial_*", "result.json")):
-        with open(path, encoding="utf-8") as f:
-            out[os.path.basename(os.path.dirname(path))] = [json.loads(line) for line in f if line.strip()]
+    for path in fs.glob(f"{exp_dir}/trial_*/result.json"):
+        with fs.open(path, "r", encoding="utf-8") as f:
+            out[path.rsplit("/", 2)[-2]] = [json.loads(line) for line in f.read().splitlines() if line.strip()]
     return out
 
 
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(train_shards, tmp_path, ray_local):
-    import ray
+def test_an_interrupted_sweep_in_object_storage_resumes_without_rerunning_finished_trials(
+        train_shards, tmp_path, ray_local, s3_server):
+    import s3fs
 
     from tune.sweep import run_sweep
 
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"], endpoint_url=s3_server["endpoint_url"])
+    fs.mkdir("sweeps")
     overrides = ["max_concurrent_trials=1", "variants=[{name: AvgPooling, overrides: [model.perceiver.name=avg_pool]}, "
-                 "{name: MaxPooling, overrides: [model.perceiver.name=max_pool]}, {name: Convolution}]"]
-    cfg, recipes = _cpu_sweep("e3d_perceivers", train_shards, tmp_path, *overrides)
-    exp = os.path.join(tmp_path, "sweeps", cfg.name)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": ROOT}
-    cli = [sys.executable, "-m", "tune.sweep", "--config", os.path.join(ROOT, "tune/cpu/e3d_perceivers.yaml"),
-           f"data_path={train_shards}", f"storage_path={tmp_path / 'sweeps'}", f"output_dir={tmp_path / 'out'}",
-           *overrides]
-    proc = subprocess.Popen(cli, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:  # the driver gets Ctrl+C as soon as the first trial has reported its evaluation
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if any("eval_result" in line for lines in _trial_lines(exp).values() for line in lines):
-                break
+                 "{name: MaxPooling, overrides: [model.perceiver.name=max_pool]}, {name: Convolution}]",
+                 "storage_path=s3://sweeps/runs", f"storage={json.dumps(s3_server)}"]
+    proc = _cli("e3d_perceivers", train_shards, tmp_path, *overrides)
+    log = tmp_path / "e3d_perceivers.log"
+    try:  # the driver gets Ctrl+C as soon as the first trial has finished (evaluation included)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and "completed after" not in log.read_text("utf-8"):
             time.sleep(0.5)
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert proc.poll() is None, "the sweep ended before it could be interrupted: " + log.read_text("utf-8")[-2000:]
         proc.send_signal(signal.SIGINT)
         proc.wait(120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    before = _trial_lines(exp)
-    finished = [t for t, lines in before.items() if "eval_result" in lines[-1]]
+    cfg, recipes = _cpu_sweep("e3d_perceivers", train_shards, tmp_path, *overrides)
+    exp = f"sweeps/runs/{cfg.name}"
+    before = _trial_lines(fs, exp)
+    finished = [t for t, lines in before.items() if lines and "eval_result" in lines[-1]]
     assert len(finished) == 1 and len(before) < 3, {t: len(v) for t, v in before.items()}
 
     out = run_sweep(cfg, recipes)
-    assert out["resumed"]
-    after = _trial_lines(exp)
+    assert out["resumed"] and out["experiment"] == exp
+    after = _trial_lines(fs, exp)
     assert after[finished[0]] == before[finished[0]]  # the finished trial was not run again
     assert len(after) == 3 and len(out["grid"]) == 3 and out["grid"].num_errors == 0
-    assert [r[0] for r in _rows(out["paths"]["csv"])[1:]] == ["AvgPooling", "MaxPooling", "Convolution"]
-    assert all(r[-1] == "done" for r in _rows(out["paths"]["csv"])[1:])
+    rows = _rows(out["paths"]["csv"])[1:]
+    assert [r[0] for r in rows] == ["AvgPooling", "MaxPooling", "Convolution"] and all(r[-1] == "done" for r in rows)
+    assert fs.glob(f"{exp}/trial_*/checkpoint_*/model/config.yaml")  # checkpoints went through Tune to S3
 
 
 def test_a_trial_with_two_workers_runs_a_torch_trainer_with_a_validation_shard(train_shards, tmp_path, ray_local):

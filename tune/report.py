@@ -31,7 +31,7 @@ class Row:
     def status(self) -> str:
         if self.error is not None:
             return f"error: {type(self.error).__name__}"
-        if self.eval is None:
+        if not self.metrics.get("completed"):
             return f"stopped early at step {self.metrics.get('step', '?')}"
         return "done"
 

@@ -50,10 +50,10 @@ class TuneSession:
 
     world_rank, world_size = 0, 1
 
-    def __init__(self, train_rows, val_rows, seed: int, shuffle_buffer: int):
+    def __init__(self, train_rows, val_rows, seed: int, shuffle_buffer: int, device: str):
         import torch
 
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
         self.train_rows, self.val_rows = train_rows, val_rows
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.kept = tempfile.mkdtemp(prefix="radray-trial-")
@@ -95,7 +95,13 @@ class TuneSession:
         return os.path.join(self.kept, "model")
 
 
-def _train_here(cfg) -> tuple[str, dict]:
+def _device(cfg) -> str:
+    import torch
+
+    return "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _train_here(cfg) -> tuple[TuneSession, dict]:
     from components.training.loop import plan_steps, train
     from components.training.shards import ShardBatches
 
@@ -105,10 +111,10 @@ def _train_here(cfg) -> tuple[str, dict]:
     train_rows = ShardBatches(cfg.data.path, cfg.data.split, tasks, storage, cfg.data.limit)
     val_rows = (ShardBatches(cfg.data.path, cfg.data.val_split, tasks, storage)
                 if cfg.run.val_every_n_steps is not None else None)
-    session = TuneSession(train_rows, val_rows, cfg.run.seed, cfg.data.shuffle_buffer)
+    session = TuneSession(train_rows, val_rows, cfg.run.seed, cfg.data.shuffle_buffer, _device(cfg))
     micro, total = plan_steps(cfg, train_rows.rows, 1)
     final = train(session, cfg, stage, micro, total)
-    return session.model_dir(), final
+    return session, final
 
 
 def _train_distributed(cfg, sweep: SweepConfig) -> tuple[str, dict]:
@@ -119,6 +125,8 @@ def _train_distributed(cfg, sweep: SweepConfig) -> tuple[str, dict]:
     # one Train run per trial, named by the trial: a restored trial's trainer resumes that run
     base = sweep.storage_path if is_remote(sweep.storage_path) else os.path.abspath(sweep.storage_path)
     cfg.run.storage_path = join(base, sweep.name, "train_runs")
+    if is_remote(base) and not any(to_dict(cfg.storage).values()):
+        cfg.storage = sweep.storage  # the recipe names no object store: use the sweep's
     summary = fit(cfg, "ray_jobs.train_vlm.VLMJobConfig", callbacks=[TuneReportCallback()])
     return summary["model_dir"], dict(summary["final"] or {})
 
@@ -128,7 +136,7 @@ def _evaluate(model_dir: str, cfg, sweep: SweepConfig, label: str) -> dict:
     from components.metrics.results import GenerationSettings
 
     ev, storage = sweep.evaluation, to_dict(cfg.storage)
-    model = load_model(model_dir, storage)
+    model = load_model(model_dir, storage, device=_device(cfg))
     settings = GenerationSettings(max_new_tokens=ev.max_new_tokens, seed=cfg.run.seed)
     # one call per task: a sample limit then holds for every task, not for the split's first task
     parts = [evaluate_split(model, cfg.data.path, split=ev.split, tasks=(task,), settings=settings, limit=ev.limit,
@@ -147,16 +155,23 @@ def run_trial(config: dict, sweep: dict, recipes: dict[str, dict]) -> None:
     variant, values, extra = trial_row(sweep_cfg, config)
     cfg = load(VLMJobConfig, data=json.loads(json.dumps(recipes[variant])), overrides=extra)
     cfg.run.name = f"{sweep_cfg.name}-{tune.get_context().get_trial_id()}"
+    kept = None
     if cfg.scaling.num_workers > 1:
         model_dir, final = _train_distributed(cfg, sweep_cfg)
     else:
         # as many threads as the trial reserved CPUs: concurrent trials must not oversubscribe the cores
         torch.set_num_threads(max(1, int(sweep_cfg.resources_per_trial.get("CPU", 1))))
-        model_dir, final = _train_here(cfg)
-    metrics = {k: final[k] for k in ("step", "loss", "val_loss") if k in final}
-    if sweep_cfg.evaluation.enabled:
-        label = " ".join([variant, *(str(v) for v in values)]).strip() or sweep_cfg.name
-        result = _evaluate(model_dir, cfg, sweep_cfg, label)
-        metrics.update(flat_metrics(result))
-        metrics[EVAL_KEY] = json.dumps(result)
+        session, final = _train_here(cfg)
+        model_dir, kept = session.model_dir(), session.kept
+    try:
+        # "completed" marks the trial's last report: a trial the scheduler stopped never sends it
+        metrics = {"completed": True, **{k: final[k] for k in ("step", "loss", "val_loss") if k in final}}
+        if sweep_cfg.evaluation.enabled:
+            label = " ".join([variant, *(str(v) for v in values)]).strip() or sweep_cfg.name
+            result = _evaluate(model_dir, cfg, sweep_cfg, label)
+            metrics.update(flat_metrics(result))
+            metrics[EVAL_KEY] = json.dumps(result)
+    finally:
+        if kept:
+            shutil.rmtree(kept, ignore_errors=True)
     tune.report(metrics)
