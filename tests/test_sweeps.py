@@ -121,6 +121,9 @@ def test_every_cpu_sweep_runs_and_renders_its_table(train_shards, tmp_path, ray_
             assert f.read(8) == PNG
         best = load(VLMJobConfig, paths["best_recipe"])
         assert best.run.name == f"{cfg.name}-best" and best.model is not None
+        with open(printed["rows"], encoding="utf-8") as f:  # every finished row was scored on 2 samples per task
+            scored = [r["metrics"] for r in json.load(f) if r["status"] == "done"]
+        assert all(m[f"{task}/n_samples"] == 2 for m in scored for task in cfg.evaluation.tasks), scored
     # ASHA (lr_lora_rank) stopped the near-zero learning rates at its first rung; the first row finished
     statuses = [r[-1] for r in _rows(os.path.join(tmp_path, "out", "lr_lora_rank", "lr_lora_rank_cpu.csv"))[1:]]
     assert statuses[0] == "done" and "stopped early at step 2" in statuses, statuses

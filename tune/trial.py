@@ -35,9 +35,11 @@ def trial_row(sweep: SweepConfig, config: dict) -> tuple[str, list, list[str]]:
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
-    """``task/statistic/metric`` -> value for every averaged metric of a results dict."""
+    """``task/statistic/metric`` -> value for every averaged metric of a results dict (and ``task/n_samples``)."""
     out = {}
     for task in result["tasks"]:
+        if "n_samples" in task:
+            out[f"{task['task']}/n_samples"] = task["n_samples"]
         for statistic in ("micro", "macro"):
             for metric, value in (task.get(statistic) or {}).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
