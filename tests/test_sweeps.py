@@ -56,6 +56,27 @@ def test_every_shipped_sweep_yaml_loads_and_its_cpu_variant_has_the_same_rows_an
     assert recipes["3D Only"]["model"]["encoder_2d"] is None and recipes["2D Only"]["model"]["fusion"]["output"] == "2d"
 
 
+def test_search_space_is_tunes_grid_and_samplers_and_a_trial_config_becomes_overrides():
+    from ray import tune
+
+    from tune.sweep import param_space
+    from tune.trial import trial_row
+
+    cfg, recipes = load_sweep(os.path.join(ROOT, "tune/cpu/lr_lora_rank.yaml"), [
+        "search=[{key: optim.weight_decay, sampler: uniform, low: 0.0, high: 0.1}, "
+        "{key: data.batch_size, sampler: choice, values: [2, 4]}]", "num_samples=3"])
+    space = param_space(cfg)
+    assert space["variant"] == tune.grid_search(["r=4", "r=16"])
+    assert space["grid"]["0"] == tune.grid_search([1e-2, 1e-7])
+    wd, bs = space["search"]["0"], space["search"]["1"]
+    assert (wd.lower, wd.upper) == (0.0, 0.1) and bs.categories == [2, 4]
+    config = {"variant": "r=16", "grid": {"0": 1e-7}, "search": {"0": wd.sample(), "1": bs.sample()}}
+    variant, values, overrides = trial_row(cfg, config)
+    recipe = load(VLMJobConfig, data=recipes[variant], overrides=overrides)
+    assert recipe.model.tune.lora.r == 16 and recipe.optim.lr == 1e-7 and values[0] == 1e-7
+    assert recipe.optim.weight_decay == config["search"]["0"] and recipe.data.batch_size in (2, 4)
+
+
 def test_bad_sweep_configs_fail_at_load_naming_the_field(tmp_path):
     path = os.path.join(ROOT, "tune/cpu/e3d_perceivers.yaml")
     with pytest.raises(ConfigError, match=r"scheduler\.nmae: unknown key"):
@@ -191,7 +212,8 @@ def test_a_trial_with_two_workers_runs_a_torch_trainer_with_a_validation_shard(t
         # Data, whose file listing needs one whole free CPU
         "resources_per_trial={CPU: 0.01}",
         "recipe_overrides=[scaling.num_workers=2, scaling.cpus_per_worker=0.45, run.max_steps=2, run.val_every_n_steps=2]",
-        "evaluation.enabled=false")  # the evaluation is the in-process trials' code, tested above
+        "evaluation.enabled=false",  # the evaluation is the in-process trials' code, tested above
+        "search=[{key: optim.lr, sampler: loguniform, low: 1.0e-4, high: 1.0e-3, label: lr}]")  # a random search
     out = run_sweep(cfg, recipes)
     (result,) = out["grid"]
     assert result.error is None and result.metrics["step"] == 2 and result.metrics["completed"]
@@ -200,7 +222,10 @@ def test_a_trial_with_two_workers_runs_a_torch_trainer_with_a_validation_shard(t
     assert runs, "the trial's TorchTrainer wrote no checkpoint"
     with open(os.path.join(os.path.dirname(runs[0]), "metrics.jsonl"), encoding="utf-8") as f:
         assert "val_loss" in [json.loads(line) for line in f][-1]
-    (row,) = _rows(out["paths"]["csv"])[1:]
-    assert row[0] == "Convolution" and row[-1] == "done" and float(row[-2]) == pytest.approx(result.metrics["val_loss"], abs=1e-4)
+    header, row = _rows(out["paths"]["csv"])
+    assert header[:2] == ["Perceiver", "lr"] and row[0] == "Convolution" and row[-1] == "done"
+    assert float(row[-2]) == pytest.approx(result.metrics["val_loss"], abs=1e-4)
     best = load(VLMJobConfig, out["paths"]["best_recipe"])  # chosen by validation loss without evaluation
-    assert best.scaling.num_workers == 2
+    lr = result.config["search"]["0"]
+    assert best.scaling.num_workers == 2 and 1e-4 <= lr <= 1e-3 and best.optim.lr == lr
+    assert float(row[1]) == pytest.approx(lr, rel=1e-2)
