@@ -8,6 +8,7 @@ a bad override in any row fails here, at load time, with the row and the field n
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,6 +16,9 @@ from typing import Any, Literal
 from components.config import ConfigError, load, to_dict
 from components.data.storage import StorageConfig, is_remote
 from ray_jobs.common import RayConfig
+
+__all__ = ["SweepConfig", "Variant", "GridAxis", "SearchSpace", "SchedulerSection", "EvaluationSection",
+           "Column", "TableSection", "load_sweep", "recipes_of", "variant_recipe", "override"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,8 +252,6 @@ def variant_recipe(cfg: SweepConfig, variant: Variant | None, extra: list[str] =
 
 def override(key: str, value: Any) -> str:
     """A ``key=value`` override whose value survives YAML parsing unchanged."""
-    import json
-
     return f"{key}={json.dumps(value)}"
 
 
@@ -268,7 +270,3 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> tuple[SweepConf
     """The sweep config and every row's resolved recipe."""
     cfg = load(SweepConfig, path, overrides)
     return cfg, recipes_of(cfg)
-
-
-__all__ = ["SweepConfig", "Variant", "GridAxis", "SearchSpace", "SchedulerSection", "EvaluationSection",
-           "Column", "TableSection", "load_sweep", "recipes_of", "variant_recipe", "override"]
