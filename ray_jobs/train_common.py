@@ -177,8 +177,10 @@ class RaySession:
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # the worker's clock (the controller stamps ``time`` only when it collects a report, up to its
-        # poll interval later) and how long the previous report held training up
-        metrics = {**metrics, "reported_at": time.time(), "report_wait_s": self.report_wait_s}
+        # poll interval later), how long the previous report held training up, and CPU seconds used by
+        # this process and by the training thread (throughput per CPU second holds when cores are shared)
+        metrics = {**metrics, "reported_at": time.time(), "report_wait_s": self.report_wait_s,
+                   "cpu_s": time.process_time(), "thread_cpu_s": time.thread_time()}
         t = time.perf_counter()
         ray.train.report(metrics, checkpoint=ckpt)
         self.report_wait_s = time.perf_counter() - t
@@ -204,6 +206,10 @@ def worker_loop(config: dict):
 
 
 # --- progress, logs, curves on the controller -------------------------------------------------------
+
+CLOCKS = ("step", "time", "reported_at", "cpu_s", "thread_cpu_s")
+"""Report fields that are clock readings, not scalars to plot."""
+
 
 def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, storage: dict):
     from ray.train import UserCallback
@@ -237,7 +243,7 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
 
                     self.writer = SummaryWriter(tb_dir)
                 for k, v in m.items():
-                    if isinstance(v, (int, float)) and k not in ("step", "time", "reported_at"):
+                    if isinstance(v, (int, float)) and k not in CLOCKS:
                         self.writer.add_scalar(f"train/{k}", v, m["step"])
                 self.writer.flush()
             body = "".join(json.dumps(h) + "\n" for h in self.history).encode()
