@@ -29,15 +29,19 @@ def evaluate_split(model_or_dir, data_path: str, split: str = "test", tasks: Ite
     if not samples:
         raise ValueError(f"{data_path}: no samples in split {split!r} for tasks {tuple(tasks)}")
     if isinstance(model_or_dir, (str, os.PathLike)):
-        source = str(model_or_dir)
-        model = load_model(source, storage)
+        source, model, was_training = str(model_or_dir), load_model(str(model_or_dir), storage), False
     else:
-        source, model = None, model_or_dir.eval()
+        # a model in training (e.g. a Tune trial's) goes back to train mode afterwards
+        source, model, was_training = None, model_or_dir, model_or_dir.training
+        model.eval()
     volume_ids = [s["volume_id"] for s in samples]
     sources = image_sources(volume_ids, images, seed)
     shown = apply_images(read_volumes(data_path, volume_ids, storage=storage), images, seed)
     settings = settings or GenerationSettings()
-    outputs = predict(model, shown, samples, settings, batch_size=batch_size)
+    try:
+        outputs = predict(model, shown, samples, settings, batch_size=batch_size)
+    finally:
+        model.train(was_training)
     records = [{**s, **o, "image_volume_id": sources[s["volume_id"]]} for s, o in zip(samples, outputs)]
     rows, result = score(records, dataset=dataset or os.path.basename(os.path.normpath(data_path)), split=split,
                          run=run or f"{os.path.basename(os.path.normpath(source or 'model'))}-{images}",
