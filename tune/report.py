@@ -31,9 +31,11 @@ class Row:
     def status(self) -> str:
         if self.error is not None:
             return f"error: {type(self.error).__name__}"
-        if not self.metrics.get("completed"):
-            return f"stopped early at step {self.metrics.get('step', '?')}"
-        return "done"
+        if self.metrics.get("completed"):
+            return "done"
+        if "step" not in self.metrics:
+            return "not run"  # e.g. pending when the sweep was interrupted; re-running resumes it
+        return f"stopped early at step {self.metrics['step']}"
 
 
 def _fmt(value) -> str:

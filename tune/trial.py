@@ -104,7 +104,7 @@ def _device(cfg) -> str:
 
 
 def _train_here(cfg) -> tuple[TuneSession, dict]:
-    from components.training.loop import plan_steps, train
+    from components.training.loop import TrainerState, plan_steps, train
     from components.training.shards import ShardBatches
 
     stage = cfg.make_stage()
@@ -116,6 +116,9 @@ def _train_here(cfg) -> tuple[TuneSession, dict]:
     session = TuneSession(train_rows, val_rows, cfg.run.seed, cfg.data.shuffle_buffer, _device(cfg))
     micro, total = plan_steps(cfg, train_rows.rows, 1)
     final = train(session, cfg, stage, micro, total)
+    if not final:  # restored after its last step (interrupted while evaluating): nothing was left to train
+        with session.latest_checkpoint() as ckpt:
+            final = {"step": TrainerState.read(ckpt).step} if ckpt else {}
     return session, final
 
 
