@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from components.config import ConfigError, load
+from components.config import ConfigError, from_dict, load
+from components.models.builders import build_perceiver
+from components.models.config import PerceiverSpec
 from ray_jobs.train_vlm import VLMJobConfig
 from tune.config import load_sweep
 
@@ -49,6 +51,17 @@ def test_every_shipped_sweep_yaml_loads_and_its_cpu_variant_has_the_same_rows_an
     _, recipes = load_sweep(os.path.join(ROOT, "tune/e3d_perceivers.yaml"))
     assert [r["model"]["perceiver"]["name"] for r in recipes.values()] == [
         "qformer_global", "qformer_local", "mlp_mixer", "avg_pool", "max_pool", "conv3d"]
+    # E3D-GPT's ablation holds the token count: 14^3 = 2744 encoder tokens -> 343 image tokens in every row
+    for recipe in recipes.values():
+        perceiver = build_perceiver(from_dict(PerceiverSpec, recipe["model"]["perceiver"]), 32, in_dim=1536,
+                                    grid=(14, 14, 14))
+        assert perceiver.num_tokens == 343, recipe["model"]["perceiver"]
+    # Med3DVLM's projectors on DCFormer-small's last two stages (256 x 384, 32 x 768)
+    _, recipes = load_sweep(os.path.join(ROOT, "tune/med3dvlm_projectors.yaml"))
+    stages = [(384, (4, 8, 8)), (768, (2, 4, 4))]
+    tokens = {name: build_perceiver(from_dict(PerceiverSpec, r["model"]["perceiver"]), 64, in_dim=768,
+                                    grid=(2, 4, 4), stages=stages).num_tokens for name, r in recipes.items()}
+    assert tokens == {"2xMLP": 32, "2xMLP-H": 288, "1xMLP-Mixer-H": 256, "2xMLP-Mixer-H": 256}
     _, recipes = load_sweep(os.path.join(ROOT, "tune/med2e3_scoring.yaml"))
     assert [r["model"]["fusion"]["scoring_inputs"] for r in recipes.values()] == [
         ["3d"], ["2d"], ["3d", "2d"], ["text", "3d"], ["text", "2d"], ["text", "3d", "2d"]]
