@@ -156,13 +156,28 @@ class DeepSpeedEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def full_state_dict(self) -> dict:
-        """Full weights on every rank (ZeRO-3 gathers its partitions)."""
-        if self.strategy.zero_stage == 3:
-            import deepspeed
+        """Full weights, keyed as ``module.state_dict()``. ZeRO-3 gathers its partitions one module at
+        a time and only rank 0 keeps a CPU copy (the others get ``{}``): no device ever holds the
+        whole model, which a large frozen LLM could not afford. Every rank must call this."""
+        if self.strategy.zero_stage != 3:
+            return self.module.state_dict()
+        import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        return self.module.state_dict()
+        keep = torch.distributed.get_rank() == 0
+        state = {}
+        # remove_duplicate=False: a module registered under two names is saved under both
+        for prefix, module in self.module.named_modules(remove_duplicate=False):
+            own = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+                if not keep:
+                    continue
+                tensors = [*module.named_parameters(recurse=False),
+                           *((n, b) for n, b in module.named_buffers(recurse=False)
+                             if n not in module._non_persistent_buffers_set)]
+                for name, t in tensors:
+                    # a copy: leaving the context frees the gathered storage (on CPU too)
+                    state[f"{prefix}.{name}" if prefix else name] = t.detach().to("cpu", copy=True)
+        return state
 
     def writable_weights(self):
         """A context in which ``module.load_state_dict`` sees whole weights: ZeRO-3 gathers them on every
