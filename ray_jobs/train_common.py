@@ -218,7 +218,7 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
         """Runs on the Train controller: a progress line with ETA, TensorBoard scalars, a metrics log."""
 
         def __init__(self):
-            self.history, self.t0, self.step0, self.writer = [], None, None, None
+            self.history, self.t0, self.step0, self.writer, self.written = [], None, None, None, False
 
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0]) if metrics else {}
@@ -246,8 +246,12 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
                     if isinstance(v, (int, float)) and k not in CLOCKS:
                         self.writer.add_scalar(f"train/{k}", v, m["step"])
                 self.writer.flush()
-            body = "".join(json.dumps(h) + "\n" for h in self.history).encode()
-            write_bytes(metrics_uri, body, storage)
+            if self.written and not is_remote(metrics_uri):  # one line per report, not the whole log again
+                with open(metrics_uri, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(m) + "\n")
+            else:  # object stores cannot append; the first write also drops what a resumed run redoes
+                write_bytes(metrics_uri, "".join(json.dumps(h) + "\n" for h in self.history).encode(), storage)
+                self.written = True
 
     return Progress()
 
