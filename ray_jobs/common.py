@@ -27,6 +27,8 @@ def init_ray(cfg: RayConfig):
         return ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}
+    # Ray's progress bars and logs hold non-ASCII characters; a C locale would make them fail to print
+    env.setdefault("PYTHONIOENCODING", os.environ.get("PYTHONIOENCODING", "utf-8"))
     # Workers must import this project however the job was started.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)

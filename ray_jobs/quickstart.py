@@ -1,9 +1,17 @@
-"""The quickstart: phantom CT dataset -> Ray Data preprocessing -> align -> finetune, on a local Ray cluster.
+"""The quickstart: phantom CT dataset -> Ray Data preprocessing -> align -> finetune -> evaluation
+through Ray Serve -> paper-style tables and the learning proof, on a local Ray cluster.
 
     python -m ray_jobs.quickstart [--config ray_jobs/configs/quickstart.yaml] [key.sub=value ...]
+
+The proof needs a blind twin: the same recipe trained and evaluated with every volume replaced by
+zeros. The trained model must beat chance on held-out closed-ended VQA where the twin cannot, write
+reports closer to the reference (METEOR), and, being a TG-IS model, look at the lesion's slices.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +27,7 @@ DEFAULT_CONFIG = "ray_jobs/configs/quickstart.yaml"
 
 @dataclass
 class RecipeRef:
-    """A training recipe file plus ``key.sub=value`` overrides."""
+    """A recipe file plus ``key.sub=value`` overrides."""
 
     recipe: str
     """Path of the recipe YAML."""
@@ -36,11 +44,32 @@ class QuickstartConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Step 2: raw volumes -> training shards."""
     align: RecipeRef | None = None
-    """Step 3: stage-1 tuning (perceiver only); its data.path is the preprocess output."""
+    """Stage-1 tuning (perceiver only); its data.path is the preprocess output."""
     finetune: RecipeRef | None = None
-    """Step 4: stage-2 tuning (perceiver + LoRA) from the align run."""
+    """Stage-2 tuning from the align run."""
+    blind: bool = True
+    """Also train the blind twin (same recipes, ``data.images=zeros``) and run the learning proof."""
+    evaluate: RecipeRef | None = None
+    """Evaluation through Ray Serve (a ``ray_jobs.evaluate`` config); model and data are filled in."""
     runs: str = "runs/quickstart"
     """Where the training runs keep checkpoints, logs and loss curves."""
+    results: str = "results/quickstart"
+    """Where evaluations, tables, plots and the learning proof go."""
+
+
+def _preprocess_once(cfg: QuickstartConfig, phantom: dict) -> dict:
+    """Preprocess, reusing shards made from this very phantom (preprocessing resumes by volume id,
+    so shards of a phantom made with other settings are cleared first)."""
+    stamp = os.path.join(cfg.preprocess.output, "phantom.json")
+    made_from = json.dumps(phantom["config"], sort_keys=True)
+    if os.path.isdir(cfg.preprocess.output):
+        same = os.path.exists(stamp) and open(stamp, encoding="utf-8").read() == made_from
+        if not same:
+            shutil.rmtree(cfg.preprocess.output)
+    summary = preprocess(cfg.preprocess)
+    with open(stamp, "w", encoding="utf-8") as f:
+        f.write(made_from)
+    return summary
 
 
 def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str]) -> dict:
@@ -49,25 +78,106 @@ def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str]) -> dict:
     from ray_jobs.train_vlm import VLMJobConfig
 
     job = load_cfg(VLMJobConfig, ref.recipe, [f"data.path={cfg.preprocess.output}",
-                                              f"run.storage_path={cfg.runs}", *extra, *ref.overrides])
+                                              f"run.storage_path={cfg.runs}", *ref.overrides, *extra])
     return fit(job, "ray_jobs.train_vlm.VLMJobConfig")
+
+
+def _train_twin(cfg: QuickstartConfig, suffix: str, extra: list[str], step, say) -> dict:
+    """align -> finetune under run names ending in ``suffix``."""
+    out = {}
+    if cfg.align is not None:
+        say(step(), f"align{suffix}: train the perceiver (encoders and LLM frozen)")
+        out["align"] = _train(cfg.align, cfg, [f"run.name=align{suffix}", *extra])
+    if cfg.finetune is not None:
+        say(step(), f"finetune{suffix}: all parts, from the align checkpoint")
+        init = [f"run.init_from={out['align']['checkpoint']}"] if "align" in out else []
+        out["finetune"] = _train(cfg.finetune, cfg, [f"run.name=finetune{suffix}", *init, *extra])
+    return out
+
+
+def _evaluate(cfg: QuickstartConfig, model: str, images: str, name: str, extra: list[str]) -> dict:
+    from ray_jobs.evaluate import EvaluateConfig
+    from ray_jobs.evaluate import run as evaluate
+
+    ecfg = load(EvaluateConfig, cfg.evaluate.recipe,
+                [f"model={model}", f"data_path={cfg.preprocess.output}", f"images={images}", f"run={name}",
+                 f"output={os.path.join(cfg.results, name)}", *cfg.evaluate.overrides, *extra])
+    return evaluate(ecfg)
+
+
+def prove(cfg: QuickstartConfig, trained: dict, blind: dict) -> dict:
+    """The learning proof from the two evaluations; writes proof.json and the slice-attention heatmap."""
+    import pyarrow.parquet as pq
+
+    from components.data.phantom import lesion_slices, read_findings
+    from components.metrics.learning_proof import learning_proof, lesion_attention, lesion_rows
+    from components.metrics.results import load_results
+    from components.metrics.slice_attention import plot_slice_attention
+
+    results = load_results([trained["results"], blind["results"]])
+    rows = pq.read_table(trained["predictions"]).to_pylist()
+    spec = json.load(open(os.path.join(cfg.preprocess.output, "summary.json"), encoding="utf-8"))["spec"]
+    findings = read_findings(cfg.phantom.output)
+    masks = {}
+    for r in rows:
+        case = findings.get(os.path.basename(r["volume_id"]).split(".")[0])
+        masks[r["volume_id"]] = lesion_slices(case, spec) if case else None
+    scores, lesion_masks, types = lesion_rows(rows, masks)
+    attention = lesion_attention(scores, lesion_masks, types) if scores else None
+    proof = learning_proof(results[0], results[1], attention)
+    if scores:
+        n = min(len(scores), 40)
+        proof["heatmap"] = plot_slice_attention(
+            scores[:n], lesion_masks[:n], [f"{t} question" for t in types[:n]],
+            "TG-IS slice weights on test questions about a lesion", os.path.join(cfg.results, "slice_attention.png"))
+    with open(os.path.join(cfg.results, "proof.json"), "w", encoding="utf-8") as f:
+        json.dump(proof, f, indent=1, default=float)
+    return proof
+
+
+def _tables(cfg: QuickstartConfig, evals: list[dict]) -> str:
+    from components.metrics.results import load_results
+    from components.metrics.tables import write_tables
+
+    folder = os.path.join(cfg.results, "tables")
+    write_tables(load_results([e["results"] for e in evals]), folder)
+    return folder
 
 
 def run(cfg: QuickstartConfig) -> dict:
     t0 = time.time()
-    n = 2 + (cfg.align is not None) + (cfg.finetune is not None)
-    print(f"== 1/{n} make the phantom CT dataset", flush=True)
-    make_phantom(cfg.phantom)
-    print(f"== 2/{n} preprocess it with Ray Data", flush=True)
-    summary = preprocess(cfg.preprocess)
-    trained = {}
-    if cfg.align is not None:
-        print(f"== 3/{n} align: train the perceiver (encoder and LLM frozen)", flush=True)
-        trained["align"] = _train(cfg.align, cfg, [])
-    if cfg.finetune is not None:
-        print(f"== {n}/{n} finetune: perceiver + LoRA, from the align checkpoint", flush=True)
-        init = [f"run.init_from={trained['align']['checkpoint']}"] if "align" in trained else []
-        trained["finetune"] = _train(cfg.finetune, cfg, init)
+    trains = (cfg.align is not None) + (cfg.finetune is not None)
+    n = 2 + trains * (2 if cfg.blind else 1) + (cfg.evaluate is not None) * (2 if cfg.blind else 1)
+    counter = iter(range(1, n + 1))
+
+    def say(i, text):
+        print(f"\n== {i}/{n} [{time.time() - t0:.0f} s] {text}", flush=True)
+
+    say(next(counter), "make the phantom CT dataset")
+    phantom = make_phantom(cfg.phantom)
+    say(next(counter), "preprocess it with Ray Data")
+    summary = _preprocess_once(cfg, phantom)
+    for folder in (cfg.runs, cfg.results):  # every quickstart trains and evaluates afresh
+        shutil.rmtree(folder, ignore_errors=True)
+    trained = _train_twin(cfg, "", [], lambda: next(counter), say)
+    twin = _train_twin(cfg, "-blind", ["data.images=zeros"], lambda: next(counter), say) if cfg.blind else {}
+    evals = {}
+    if cfg.evaluate is not None and "finetune" in trained:
+        say(next(counter), "evaluate the model on the test split through Ray Serve")
+        evals["trained"] = _evaluate(cfg, trained["finetune"]["checkpoint"], "real", "trained", [])
+        if twin:
+            say(next(counter), "evaluate the blind twin (zeros for images) through Ray Serve")
+            evals["blind"] = _evaluate(cfg, twin["finetune"]["checkpoint"], "zeros", "blind",
+                                       ["tasks=[caption,vqa_closed]"])
+    os.makedirs(cfg.results, exist_ok=True)
+    tables = _tables(cfg, list(evals.values())) if evals else None
+    proof = prove(cfg, evals["trained"], evals["blind"]) if "blind" in evals else None
+    report(cfg, summary, trained, twin, evals, tables, proof, time.time() - t0)
+    return {"preprocess": summary, **trained, **{f"{k}-blind": v for k, v in twin.items()}, "evaluations": evals,
+            "tables": tables, "proof": proof}
+
+
+def report(cfg, summary, trained, twin, evals, tables, proof, seconds) -> None:
     v, s = summary["volumes"], summary["samples"]
     print("\n== quickstart summary")
     print(f"dataset     {cfg.phantom.output} ({cfg.phantom.phantom.n_volumes} CT volumes with reports and VQA)")
@@ -75,13 +185,30 @@ def run(cfg: QuickstartConfig) -> dict:
           f"shape (1, {', '.join(map(str, summary['spec']['size']))}))")
     print(f"volumes     in {v['in']} = out {v['out']} + quarantined {v['quarantined']}")
     print(f"samples     {s['out']} kept, {s['quarantined']} quarantined (see quarantine.csv)")
-    for name, t in trained.items():
+    for name, t in [*trained.items(), *((f"{k}-blind", x) for k, x in twin.items())]:
         final = (t["final"] or {}).get("loss")
-        print(f"{name:11s} loss {t['first_loss']:.3f} -> {final:.3f} over {t['steps']} steps; "
+        print(f"{name:15s} loss {t['first_loss']:.3f} -> {final:.3f} over {t['steps']} steps; "
               f"checkpoint {t['checkpoint']}")
-        print(f"{'':11s} loss curve {t['loss_curve']}")
-    print(f"time        {time.time() - t0:.0f} s")
-    return {"preprocess": summary, **trained}
+        print(f"{'':15s} loss curve {t['loss_curve']}")
+    if tables:
+        print(f"\n== tables (test split; 'trained' = the model, 'blind' = its twin shown zeros)\n")
+        print(open(os.path.join(tables, "tables.md"), encoding="utf-8").read())
+        print(f"tables and charts  {tables} (Markdown, CSV, PNG; per-type accuracy: "
+              f"{os.path.join(tables, 'vqa_closed_per_type__' + os.path.basename(cfg.preprocess.output) + '.png')})")
+        for name, e in evals.items():
+            print(f"predictions ({name:7s}) {e['predictions']}")
+    if proof:
+        print("\n== learning proof")
+        for c in proof["conditions"]:
+            figures = ", ".join(f"{k} {x:.3f}" if isinstance(x, float) else f"{k} {x}"
+                                for k, x in c["figures"].items() if not isinstance(x, dict))
+            print(f"[{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {figures}")
+        if proof.get("heatmap"):
+            print(f"slice-attention heatmap {proof['heatmap']}")
+        print("proved: the image informs the answers" if proof["passed"]
+              else "NOT proved: see the failed conditions above")
+        print(f"proof       {os.path.join(cfg.results, 'proof.json')}")
+    print(f"time        {seconds:.0f} s")
 
 
 def main(argv=None):
@@ -98,7 +225,9 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    run(cfg)
+    out = run(cfg)
+    if out["proof"] is not None and not out["proof"]["passed"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

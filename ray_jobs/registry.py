@@ -13,6 +13,9 @@ def config_class_for(path: str | Path):
     if "phantom" in parts:
         from ray_jobs.make_phantom import MakePhantomConfig
         return MakePhantomConfig
+    if "evaluate" in parts:
+        from ray_jobs.evaluate import EvaluateConfig
+        return EvaluateConfig
     if "preprocess" in parts:
         from ray_jobs.preprocess import PreprocessConfig
         return PreprocessConfig

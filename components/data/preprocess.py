@@ -86,9 +86,11 @@ SPECS: dict[str, PreprocessSpec] = {
     "m3d": PreprocessSpec("m3d", size=(32, 256, 256), orientation="none", fit="resize", hu_window=None),
     # Med3DVLM: 128x256x256 on M3D data, same conventions.
     "med3dvlm": PreprocessSpec("med3dvlm", size=(128, 256, 256), orientation="none", fit="resize", hu_window=None),
-    # CPU quickstart: small, plane kept visible so every question type stays answerable.
+    # CPU quickstart: small, plane kept visible so every question type stays answerable. A soft-tissue
+    # window (W400 L40): under [-1000, 1000] the contrast phases differ by 1-2 % of the range, too
+    # little for a model trained from scratch in minutes to pick up.
     "quickstart": PreprocessSpec("quickstart", size=(32, 64, 64), orientation="plane", fit="resize",
-                                 hu_window=(-1000.0, 1000.0)),
+                                 hu_window=(-160.0, 240.0)),
 }
 
 
