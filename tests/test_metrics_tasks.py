@@ -177,3 +177,23 @@ def test_lesion_attention_compares_against_the_slices_share(tmp_path):
         lesion_attention([uniform], [mask[:4]])
     png = plot_slice_attention([uniform, focused], [mask, mask], ["q1", "q2"], "t", str(tmp_path / "h.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_proof_needs_all_three_conditions():
+    from components.metrics.learning_proof import learning_proof
+
+    def result(acc, meteor):
+        return {"run": "r", "tasks": [{"task": "vqa_closed", "micro": {"accuracy": acc}},
+                                      {"task": "caption", "micro": {"meteor": meteor}}]}
+
+    looks = {"attention_on_lesion": 0.3, "lesion_slice_share": 0.1}
+    proof = learning_proof(result(0.6, 0.3), result(0.27, 0.2), looks)
+    assert proof["passed"] and [c["passed"] for c in proof["conditions"]] == [True, True, True]
+    # a blind twin far above chance means the text leaks the answer: not a proof
+    assert not learning_proof(result(0.6, 0.3), result(0.4, 0.2), looks)["conditions"][0]["passed"]
+    assert not learning_proof(result(0.45, 0.3), result(0.25, 0.2), looks)["passed"]
+    assert not learning_proof(result(0.6, 0.2), result(0.25, 0.2), looks)["conditions"][1]["passed"]
+    # near-uniform slice weights do not count as looking at the lesion
+    even = {"attention_on_lesion": 0.1001, "lesion_slice_share": 0.1}
+    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), even)["conditions"][2]["passed"]
+    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), None)["passed"]
