@@ -16,6 +16,7 @@ import numpy as np
 
 from components.config import from_dict, to_dict
 from components.data.storage import is_remote, join, open_fs, pyarrow_fs, write_bytes
+from components.evaluation.data import read_samples as read_split_samples
 from components.training.loop import plan_steps, train
 from components.training.replay import EpochReplay
 from ray_jobs.common import init_ray
@@ -25,15 +26,9 @@ from ray_jobs.common import init_ray
 
 def read_samples(data_path: str, split: str, tasks, storage) -> dict[str, list[dict]]:
     """Sample records of one split and the given tasks, grouped by volume id."""
-    import pyarrow.parquet as pq
-
-    fs, path = open_fs(join(data_path, "samples.parquet"), storage)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
     out: dict[str, list[dict]] = {}
-    for row in table.to_pylist():
-        if row["split"] == split and row["task"] in tasks:
-            out.setdefault(row["volume_id"], []).append(row)
+    for row in read_split_samples(data_path, split, tuple(tasks), storage=storage):
+        out.setdefault(row["volume_id"], []).append(row)
     return out
 
 
