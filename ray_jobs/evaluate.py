@@ -8,9 +8,14 @@ batched in the scorer deployment. Output under ``output``:
 
   predictions.parquet / .csv   one row per sample: the sample, the prediction, per-sample metrics,
                                TG-IS slice scores (models with a 2D branch)
+  retrieval_embeddings.parquet with ``retrieval.model``: each volume/report pair and its two embeddings
   results/<run>.json           averaged results with every generation and metric setting
   tables/                      paper-style Markdown + CSV tables and PNG charts
   summary.json                 paths and headline numbers
+
+With ``retrieval.model`` (a contrastive checkpoint) the split's volumes and reports are embedded on a
+Ray Data actor pool first and image-text retrieval R@K (Med3DVLM Table 1) joins the results; with
+``model: null`` only that runs, without Serve.
 
 The same application answers HTTP on ``serve.host:serve.port``: ``POST /answer?question=...`` with
 a NIfTI, zipped DICOM series or .npy volume as the body (README, "Online inference").
@@ -34,11 +39,13 @@ from components.data.preprocess import get_spec
 from components.data.storage import StorageConfig, is_remote, join, open_fs, write_bytes
 from components.evaluation.data import (EVAL_TASKS, image_sources, read_samples, read_spec, read_volumes,
                                          volume_shards)
+from components.evaluation.retrieval import write_embeddings
 from components.evaluation.score import score
 from components.metrics.bertscore import BertScoreSettings
-from components.metrics.results import GenerationSettings, save_result
+from components.metrics.results import GenerationSettings, run_result, save_result
 from components.metrics.tables import write_tables
 from ray_jobs.common import RayConfig, init_ray
+from ray_jobs.retrieval_stream import RetrievalSection, embed_split
 
 Task = Literal["caption", "vqa_open", "vqa_closed", "vqa_yn", "diagnosis"]
 
@@ -107,10 +114,11 @@ class StreamSection:
 
 @dataclass
 class EvaluateConfig:
-    """Batch evaluation of one split through Ray Serve, plus online inference."""
+    """Batch evaluation of one split through Ray Serve, image-text retrieval, and online inference."""
 
-    model: str
-    """Model folder, checkpoint (with ``model/``) or training run folder (newest checkpoint); local or s3://."""
+    model: str | None = None
+    """Model folder, checkpoint (with ``model/``) or training run folder (newest checkpoint); local or s3://.
+    null = no VLM (a retrieval-only run: set ``retrieval.model``)."""
     data_path: str = "data/preprocessed/phantom-quickstart"
     """Preprocessed data (``ray_jobs.preprocess`` output), local or s3://."""
     split: str = "test"
@@ -143,6 +151,8 @@ class EvaluateConfig:
     """Text-metric deployment."""
     stream: StreamSection = field(default_factory=StreamSection)
     """Request stream."""
+    retrieval: RetrievalSection = field(default_factory=RetrievalSection)
+    """Image-text retrieval with a contrastive checkpoint (Med3DVLM Table 1); off while ``retrieval.model`` is null."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint and credentials (empty = the environment's)."""
     ray: RayConfig = field(default_factory=RayConfig)
@@ -156,6 +166,8 @@ class EvaluateConfig:
                 raise ConfigError(f"spec: {e}") from None
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: must be >= 1, got {self.limit}")
+        if self.model is None and (self.retrieval.model is None or not self.batch):
+            raise ConfigError("model: required, unless retrieval.model is set and batch is true (a retrieval-only run)")
 
 
 # --- the request stream ---------------------------------------------------------------------------
@@ -247,23 +259,31 @@ def _write_rows(rows: list[dict], folder: str) -> tuple[str, str]:
 
 
 def headline(result: dict) -> dict:
-    """Micro averages per task (the figures to print)."""
-    return {t["task"]: {"n": t.get("n_samples"), **t["micro"]} for t in result["tasks"]}
+    """Micro averages per task, recalls for retrieval (the figures to print)."""
+    return {t["task"]: {"n": t.get("n_samples"),
+                        **(t["micro"] if "micro" in t else {d: t[d] for d in ("image_to_text", "text_to_image")})}
+            for t in result["tasks"]}
 
 
-def write_outputs(cfg: EvaluateConfig, rows: list[dict], result: dict, storage: dict) -> dict:
-    """Predictions, results JSON and tables into ``cfg.output``; returns their paths there."""
+def write_outputs(cfg: EvaluateConfig, rows: list[dict], result: dict, storage: dict,
+                  retrieval: dict | None = None) -> dict:
+    """Predictions (when a VLM ran), retrieval embeddings (when retrieval ran), results JSON and tables
+    into ``cfg.output``; returns their paths there."""
     remote = is_remote(cfg.output)
     folder = tempfile.mkdtemp(prefix="radray-eval-") if remote else os.path.abspath(cfg.output)
     os.makedirs(folder, exist_ok=True)
-    _write_rows(rows, folder)
     save_result(result, os.path.join(folder, "results", f"{result['run']}.json"))
     write_tables([result], os.path.join(folder, "tables"))
     base = cfg.output.rstrip("/") if remote else folder
-    paths = {"output": base, "predictions": join(base, "predictions.parquet"),
-             "predictions_csv": join(base, "predictions.csv"),
-             "results": join(base, "results", f"{result['run']}.json"), "tables": join(base, "tables"),
+    paths = {"output": base, "results": join(base, "results", f"{result['run']}.json"), "tables": join(base, "tables"),
              "tables_markdown": join(base, "tables", "tables.md")}
+    if rows:
+        _write_rows(rows, folder)
+        paths.update(predictions=join(base, "predictions.parquet"), predictions_csv=join(base, "predictions.csv"))
+    if retrieval:
+        write_embeddings(os.path.join(folder, "retrieval_embeddings.parquet"), retrieval["pairs"],
+                         retrieval["image_embeddings"], retrieval["text_embeddings"])
+        paths["retrieval_embeddings"] = join(base, "retrieval_embeddings.parquet")
     if remote:
         fs, path = open_fs(cfg.output, storage)
         fs.put(folder.rstrip("/") + "/", path, recursive=True)
@@ -277,15 +297,13 @@ def _absolute(path: str) -> str:
     return path if is_remote(path) else os.path.abspath(path)  # replicas run in another directory
 
 
-def run(cfg: EvaluateConfig) -> dict:
-    """Deploy, evaluate the split through Serve, write the outputs; returns paths and headline numbers."""
+def serve_and_generate(cfg: EvaluateConfig, dataset: str, storage: dict, summary: dict) -> tuple[list[dict], dict | None]:
+    """Deploy the VLM (and, for a batch run, the scorer); with ``batch``, stream the split through it and
+    score. Returns ``(per-sample rows, results dict)``, or ``([], None)`` without ``batch``."""
     from ray import serve
 
     from ray_jobs.serve_app import ServeTextScorer, scorer_app, vlm_app
 
-    init_ray(cfg.ray)
-    storage = to_dict(cfg.storage)
-    cfg.model, cfg.data_path = _absolute(cfg.model), _absolute(cfg.data_path)
     spec = to_dict(get_spec(cfg.spec if cfg.spec is not None else read_spec(cfg.data_path, storage)))
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
@@ -295,32 +313,64 @@ def run(cfg: EvaluateConfig) -> dict:
         targets.append(serve.RunTarget(scorer_app(cfg), name=f"{s.app_name}-scorer", route_prefix=None))
     serve.run_many(targets)  # side by side: the VLM and the BERTScore model load at the same time
     url = f"http://{s.host}:{s.port}/answer"
-    summary: dict = {"url": url, "deploy_seconds": round(time.time() - t0, 1)}
+    summary.update({"url": url, "deploy_seconds": round(time.time() - t0, 1)})
     print(f"[evaluate] {s.app_name}: {s.num_replicas} replica(s) of {cfg.model}, max_batch_size {s.max_batch_size}; "
           f"online inference at {url}", flush=True)
-    if cfg.batch:
-        samples = read_samples(cfg.data_path, cfg.split, cfg.tasks, cfg.limit, storage)
-        if not samples:
-            raise ValueError(f"{cfg.data_path}: no samples in split {cfg.split!r} for tasks {cfg.tasks}")
+    if not cfg.batch:
+        return [], None
+    samples = read_samples(cfg.data_path, cfg.split, cfg.tasks, cfg.limit, storage)
+    if not samples:
+        raise ValueError(f"{cfg.data_path}: no samples in split {cfg.split!r} for tasks {cfg.tasks}")
+    t0 = time.time()
+    records = stream_predictions(cfg, samples, storage)
+    generate_s = time.time() - t0
+    info = serve.get_deployment_handle("VolumeVLMServer", s.app_name).info.remote().result()
+    rows, result = score(records, dataset=dataset, split=cfg.split,
+                         run=cfg.run or f"{os.path.basename(cfg.model.rstrip('/'))}-{cfg.images}",
+                         generation=cfg.generation,
+                         model={**info["model"], "images": cfg.images, "image_seed": cfg.image_seed},
+                         text_scorer=ServeTextScorer(serve.get_deployment_handle("TextScorerServer",
+                                                                                 f"{s.app_name}-scorer")))
+    summary.update({"n_samples": len(rows), "generate_seconds": round(generate_s, 1),
+                    "samples_per_second": round(len(rows) / generate_s, 2), "batch_sizes": info["batch_sizes"]})
+    print(f"[evaluate] {len(rows)} samples in {generate_s:.1f} s", flush=True)
+    return rows, result
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Retrieval (with ``retrieval.model``), then deploy and evaluate the split through Serve (with
+    ``model``), write the outputs; returns paths and headline numbers."""
+    init_ray(cfg.ray)
+    storage = to_dict(cfg.storage)
+    cfg.data_path = _absolute(cfg.data_path)
+    dataset = cfg.dataset or os.path.basename(cfg.data_path.rstrip("/"))
+    summary: dict = {}
+    retrieval = None
+    if cfg.batch and cfg.retrieval.model is not None:
+        cfg.retrieval.model = _absolute(cfg.retrieval.model)
         t0 = time.time()
-        records = stream_predictions(cfg, samples, storage)
-        generate_s = time.time() - t0
-        vlm = serve.get_deployment_handle("VolumeVLMServer", s.app_name)
-        info = vlm.info.remote().result()
-        run_name = cfg.run or f"{os.path.basename(cfg.model.rstrip('/'))}-{cfg.images}"
-        rows, result = score(records, dataset=cfg.dataset or os.path.basename(cfg.data_path.rstrip("/")),
-                             split=cfg.split, run=run_name, generation=cfg.generation,
-                             model={**info["model"], "images": cfg.images, "image_seed": cfg.image_seed},
-                             text_scorer=ServeTextScorer(serve.get_deployment_handle("TextScorerServer",
-                                                                                     f"{s.app_name}-scorer")))
-        summary.update(write_outputs(cfg, rows, result, storage))
-        summary.update({"run": run_name, "n_samples": len(rows), "headline": headline(result),
-                        "generate_seconds": round(generate_s, 1),
-                        "samples_per_second": round(len(rows) / generate_s, 2),
-                        "batch_sizes": info["batch_sizes"]})
+        # before Serve deploys: the embedding actors get the CPUs that the replicas hold afterwards
+        retrieval = embed_split(cfg.retrieval, cfg.data_path, cfg.split, dataset, storage)
+        summary["retrieval_seconds"] = round(time.time() - t0, 1)
+        print(f"[evaluate] retrieval: {len(retrieval['pairs'])} volume/report pairs embedded with "
+              f"{cfg.retrieval.model} in {summary['retrieval_seconds']} s", flush=True)
+    rows, result = [], None
+    if cfg.model is not None:
+        cfg.model = _absolute(cfg.model)
+        rows, result = serve_and_generate(cfg, dataset, storage, summary)
+    if cfg.batch:
+        if result is None:  # retrieval only
+            result = run_result(cfg.run or os.path.basename(cfg.retrieval.model.rstrip("/")), [],
+                                model={"retrieval": cfg.retrieval.model})
+        if retrieval is not None:
+            result["tasks"].append(retrieval["result"])
+        summary.update(write_outputs(cfg, rows, result, storage, retrieval))
+        summary.update({"run": result["run"], "headline": headline(result)})
         write_bytes(join(summary["output"], "summary.json"), json.dumps(summary, indent=1).encode(), storage)
-        print(f"[evaluate] {len(rows)} samples in {generate_s:.1f} s; tables in {summary['tables']}", flush=True)
-    if s.shutdown_after:
+        print(f"[evaluate] tables in {summary['tables']}", flush=True)
+    if cfg.model is not None and cfg.serve.shutdown_after:
+        from ray import serve
+
         serve.shutdown()
     return summary
 
@@ -332,7 +382,7 @@ def main(argv=None):
     if cfg.batch and not is_remote(cfg.output):
         with open(summary["tables_markdown"], encoding="utf-8") as f:
             print(f.read())
-    if not cfg.serve.shutdown_after:
+    if cfg.model is not None and not cfg.serve.shutdown_after:
         from ray import serve
 
         print(f"[evaluate] serving {summary['url']}; Ctrl-C stops", flush=True)

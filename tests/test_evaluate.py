@@ -1,9 +1,10 @@
 """Evaluation through Ray Serve on the small phantom: batch run outputs, HTTP answers with TG-IS slice
-scores, refused uploads, and the in-process evaluation's image conditions. One Ray and one Serve
-application for the whole module."""
+scores, refused uploads, the in-process evaluation's image conditions, and image-text retrieval with a
+tiny SigLIP checkpoint. One Ray and one Serve application for the whole module."""
 import io
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -17,12 +18,14 @@ from conftest import free_port, start_local_ray
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 PRESETS = Path(__file__).resolve().parents[1] / "components" / "models" / "presets"
+CONFIGS = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
 # SmolLM2's tokenizer on a 2-layer LLM; untied embeddings so an untrained model writes varied tokens
 TINY_LLM = ["llm.source=config",
             "llm.config={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
             "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 49152, max_position_embeddings: 512, "
             "tie_word_embeddings: false}"]
 TASKS = ("caption", "vqa_open", "vqa_closed", "vqa_yn", "diagnosis")
+RETRIEVAL_SIZES = [2, 3, 100]  # the small phantom's test split has 3 volumes: 100 is skipped
 SLICES = 32  # the quickstart spec's depth; TG-IS scores every slice
 
 
@@ -38,8 +41,28 @@ def tgis_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(train_shards, tgis_model, tmp_path_factory):
-    """The batch evaluation through Serve (2 samples per task), with the application left answering HTTP."""
+def siglip_run(train_shards, tmp_path_factory):
+    """A run folder of the CPU SigLIP recipe trained for 4 steps on the train split's reports, in this
+    process (the training loop's local session writes checkpoints as Ray Train does)."""
+    from components.config import load
+    from components.evaluation import read_samples, read_volumes
+    from components.training.loop import LocalSession, plan_steps, train
+    from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
+
+    cfg = load(ContrastiveJobConfig, CONFIGS / "cpu" / "siglip.yaml",
+               ["run.max_steps=4", "checkpoint.every_n_steps=4", "run.report_every_n_steps=2"])
+    samples = read_samples(train_shards, "train", ("caption",))
+    volumes = read_volumes(train_shards, {s["volume_id"] for s in samples})
+    rows = [{"volume": volumes[s["volume_id"]], "answer": s["answer"]} for s in samples]
+    run_dir = str(tmp_path_factory.mktemp("siglip") / "cpu-siglip")
+    train(LocalSession(rows, run_dir), cfg, cfg.make_stage(), *plan_steps(cfg, len(rows), 1))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def served(train_shards, tgis_model, siglip_run, tmp_path_factory):
+    """The batch evaluation through Serve (2 samples per task) with retrieval by the SigLIP run, with the
+    application left answering HTTP."""
     from components.config import from_dict
     from ray_jobs.evaluate import EvaluateConfig, run
 
@@ -49,7 +72,8 @@ def served(train_shards, tgis_model, tmp_path_factory):
         "output": str(tmp_path_factory.mktemp("eval")), "generation": {"max_new_tokens": 4},
         "serve": {"port": free_port(), "max_batch_size": 4, "max_ongoing_requests": 8, "batch_wait_timeout_s": 0.2,
                   "max_upload_mb": 3.0, "shutdown_after": False},
-        "scorer": {"cpus": 0.25}, "stream": {"batch_size": 8, "concurrency": 1}})
+        "scorer": {"cpus": 0.25}, "stream": {"batch_size": 8, "concurrency": 1},
+        "retrieval": {"model": siglip_run, "sizes": RETRIEVAL_SIZES, "batch_size": 2, "cpus": 0.5}})
     summary = run(cfg)
     yield cfg, summary
     from ray import serve
@@ -86,7 +110,7 @@ def test_serve_evaluation_writes_predictions_results_and_tables(served):
 
     result, = load_results([summary["results"]])
     assert result["generation"]["do_sample"] is False and result["generation"]["max_new_tokens"] == 4
-    assert {t["task"] for t in result["tasks"]} == set(TASKS)
+    assert {t["task"] for t in result["tasks"]} == {*TASKS, "retrieval"}
     caption = next(t for t in result["tasks"] if t["task"] == "caption")
     assert caption["settings"]["bertscore"]["model_name"].startswith("sentence-transformers/all-MiniLM-L6-v2")
     assert result["model"]["fusion"] == "tgis" and result["model"]["images"] == "real"
@@ -94,7 +118,7 @@ def test_serve_evaluation_writes_predictions_results_and_tables(served):
     dataset = os.path.basename(cfg.data_path)
     tables = {"caption_text_metrics", "vqa_open_text_metrics", f"vqa_macro_micro__{dataset}",
               f"vqa_open_per_type__{dataset}", f"vqa_closed_per_type__{dataset}", f"vqa_yn_per_type__{dataset}",
-              f"diagnosis__{dataset}"}
+              f"diagnosis__{dataset}", f"retrieval__{dataset}"}
     written = set(os.listdir(summary["tables"]))
     assert {f"{name}{ext}" for name in tables for ext in (".md", ".csv", ".png")} | {"tables.md"} <= written
     # dynamic batching formed batches larger than one request
@@ -196,3 +220,103 @@ def test_config_refuses_batches_larger_than_ongoing_requests():
         from_dict(EvaluateConfig, {"model": "m", "serve": {"max_batch_size": 16, "max_ongoing_requests": 8}})
     with pytest.raises(ConfigError, match="do_sample"):
         from_dict(EvaluateConfig, {"model": "m", "generation": {"do_sample": "false"}})
+
+
+def _recalls_by_argsort(images: np.ndarray, texts: np.ndarray, n: int, k: int) -> tuple[float, float]:
+    """R@k both ways among the first n pairs, from the embeddings with numpy alone."""
+    similarity = images[:n] @ texts[:n].T
+    truth = np.arange(n)[:, None]
+    image_to_text = np.mean(np.any(np.argsort(-similarity, axis=1)[:, :k] == truth, axis=1))
+    text_to_image = np.mean(np.any(np.argsort(-similarity.T, axis=1)[:, :k] == truth, axis=1))
+    return float(image_to_text), float(text_to_image)
+
+
+def _first_report_per_volume(data_path: str, split: str) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    pairs = {}
+    for row in pq.read_table(os.path.join(data_path, "samples.parquet")).to_pylist():
+        if row["split"] == split and row["task"] == "caption":
+            pairs.setdefault(row["volume_id"], row["answer"])
+    return list(pairs.items())
+
+
+def test_retrieval_table_from_the_evaluation_run(served, siglip_run):
+    """Med3DVLM Table 1 from the Serve run: both directions at R@1/5/10, the skipped size listed, the
+    recalls equal to numpy's from the written embeddings, and those equal to embedding in this process."""
+    import pyarrow.parquet as pq
+
+    from components.evaluation import evaluate_retrieval
+    from components.metrics.results import load_results
+
+    cfg, summary = served
+    dataset = os.path.basename(cfg.data_path)
+    result, = load_results([summary["results"]])
+    retrieval = next(t for t in result["tasks"] if t["task"] == "retrieval")
+    assert retrieval["skipped_sizes"] == [100] and retrieval["settings"]["checkpoint"] == siglip_run
+    assert retrieval["settings"]["n_pairs"] == retrieval["n_samples"] == 3
+
+    embedded = pq.read_table(summary["retrieval_embeddings"]).to_pylist()
+    assert [(r["volume_id"], r["report"]) for r in embedded] == _first_report_per_volume(cfg.data_path, "test")
+    images = np.array([r["image_embedding"] for r in embedded])
+    texts = np.array([r["text_embedding"] for r in embedded])
+    assert np.allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    for size in (2, 3):
+        for k in (1, 5, 10):
+            image_to_text, text_to_image = _recalls_by_argsort(images, texts, size, k)
+            assert retrieval["image_to_text"][str(size)][f"R@{k}"] == pytest.approx(image_to_text)
+            assert retrieval["text_to_image"][str(size)][f"R@{k}"] == pytest.approx(text_to_image)
+            assert 0 <= image_to_text <= 1 and 0 <= text_to_image <= 1
+
+    local = evaluate_retrieval(siglip_run, cfg.data_path, sizes=RETRIEVAL_SIZES, batch_size=3)
+    assert np.allclose(local["image_embeddings"], images, atol=1e-5)
+    assert np.allclose(local["text_embeddings"], texts, atol=1e-5)
+
+    tables = Path(summary["tables"])
+    assert all((tables / f"retrieval__{dataset}{ext}").exists() for ext in (".md", ".csv", ".png"))
+    csv_rows = (tables / f"retrieval__{dataset}.csv").read_text(encoding="utf-8").splitlines()
+    assert csv_rows[0] == f"Direction,R@K,{result['run']} 2,{result['run']} 3"
+    assert [row.split(",")[:2] for row in csv_rows[1:]] == [
+        [direction, f"R@{k}"] for direction in ("image→text (IR)", "text→image (TR)") for k in (1, 5, 10)]
+    assert all(0 <= float(v) <= 100 for row in csv_rows[1:] for v in row.split(",")[2:])
+    assert "Sizes skipped" in (tables / f"retrieval__{dataset}.md").read_text(encoding="utf-8")
+
+
+def test_retrieval_only_run_needs_no_vlm(served, siglip_run, train_shards, tmp_path):
+    """model: null embeds and scores without Serve; on the train split (more pairs than the test split)
+    the recalls equal the in-process evaluation's."""
+    from components.config import from_dict
+    from components.evaluation import evaluate_retrieval
+    from components.metrics.results import load_results
+    from ray_jobs.evaluate import EvaluateConfig, run
+
+    cfg = from_dict(EvaluateConfig, {
+        "model": None, "data_path": train_shards, "split": "train", "output": str(tmp_path),
+        "retrieval": {"model": siglip_run, "sizes": [5, 10, 1000], "batch_size": 4, "cpus": 0.5}})
+    summary = run(cfg)
+    result, = load_results([summary["results"]])
+    assert [t["task"] for t in result["tasks"]] == ["retrieval"] and "predictions" not in summary
+    retrieval = result["tasks"][0]
+    assert retrieval["n_samples"] == len(_first_report_per_volume(train_shards, "train")) >= 10
+    assert retrieval["skipped_sizes"] == [1000]
+    local = evaluate_retrieval(siglip_run, train_shards, "train", sizes=[5, 10, 1000])["result"]
+    for direction in ("image_to_text", "text_to_image"):
+        for size in ("5", "10"):
+            assert retrieval[direction][size] == pytest.approx(local[direction][size]), (direction, size)
+    assert sorted(os.listdir(summary["tables"])) == sorted(
+        f"retrieval__{os.path.basename(train_shards)}{ext}" for ext in (".md", ".csv", ".png")) + ["tables.md"]
+
+
+def test_config_refuses_bad_retrieval_fields():
+    from components.config import ConfigError, load
+    from ray_jobs.evaluate import EvaluateConfig
+
+    recipe = CONFIGS / "evaluate" / "phantom.yaml"
+    for override, where in [("retrieval.sizes=[100, 0]", "retrieval.sizes[1]: must be >= 1"),
+                            ("retrieval.batch_size=many", "retrieval.batch_size: expected int"),
+                            ("retrieval.size=[100]", "retrieval.size: unknown key"),
+                            ("retrieval.ks=[]", "retrieval.ks: must list"),
+                            ("model=null", "model: required, unless retrieval.model is set")]:
+        with pytest.raises(ConfigError, match=re.escape(f"{recipe}: {where}")):
+            load(EvaluateConfig, recipe, [override])
+    assert load(EvaluateConfig, recipe, ["model=null", "retrieval.model=runs/cpu-siglip"]).model is None

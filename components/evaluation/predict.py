@@ -10,31 +10,36 @@ import torch
 from components.data.prompts import format_sample
 from components.metrics.results import GenerationSettings
 
-__all__ = ["load_model", "generation_kwargs", "predict", "model_info"]
+__all__ = ["model_folder", "load_model", "generation_kwargs", "predict", "model_info"]
 
 # Serving merges the LoRA adapter into the LLM weights: same outputs, no adapter overhead per token.
 SERVING_OVERRIDES = ("tune.llm=frozen",)
 
 
-def load_model(path: str | os.PathLike, storage: dict | None = None, device: str = "cpu"):
-    """A ``VolumeVLM`` in eval mode from a model directory, a checkpoint (with ``model/``) or a run
-    folder (its newest ``checkpoint_*``), local or s3://."""
+def model_folder(path: str | os.PathLike, storage: dict | None = None, marker: str = "config.yaml") -> str:
+    """A local model folder from a model folder (holding ``marker``), a checkpoint (with ``model/``) or a
+    run folder (its newest ``checkpoint_*``), local or s3:// (a remote one is downloaded)."""
     from components.data.storage import exists, is_remote, join
-    from components.models.vlm import VolumeVLM
     from components.training.loop import resolve_checkpoint
 
     path = str(path)
-    if exists(join(path, "config.yaml"), storage):
-        if is_remote(path):
-            # resolve_checkpoint downloads a checkpoint's model/ part; a bare model folder is its parent's
-            parent, name = path.rstrip("/").rsplit("/", 1)
-            if name != "model":
-                raise ValueError(f"{path}: a remote model folder must be a checkpoint's model/ folder")
-            path = parent
-        else:
-            return _ready(VolumeVLM.from_pretrained(path, list(SERVING_OVERRIDES)), device)
-    root = resolve_checkpoint(path, storage)
-    return _ready(VolumeVLM.from_pretrained(os.path.join(root, "model"), list(SERVING_OVERRIDES)), device)
+    if exists(join(path, marker), storage):
+        if not is_remote(path):
+            return path
+        # resolve_checkpoint downloads a checkpoint's model/ part; a bare model folder is its parent's
+        parent, name = path.rstrip("/").rsplit("/", 1)
+        if name != "model":
+            raise ValueError(f"{path}: a remote model folder must be a checkpoint's model/ folder")
+        path = parent
+    return os.path.join(resolve_checkpoint(path, storage), "model")
+
+
+def load_model(path: str | os.PathLike, storage: dict | None = None, device: str = "cpu"):
+    """A ``VolumeVLM`` in eval mode from a model directory, a checkpoint (with ``model/``) or a run
+    folder (its newest ``checkpoint_*``), local or s3://."""
+    from components.models.vlm import VolumeVLM
+
+    return _ready(VolumeVLM.from_pretrained(model_folder(path, storage), list(SERVING_OVERRIDES)), device)
 
 
 def _ready(model, device: str):

@@ -125,12 +125,13 @@ def diagnosis_task(dataset: str, labels: Sequence[str], truths: Sequence[bool | 
 
 
 def retrieval_task(dataset: str, similarity, sizes: Sequence[int] = TEST_SIZES, ks: Sequence[int] = TOP_K,
-                   split: str = "test") -> dict:
-    """An image-text retrieval result from the image-by-text similarity matrix."""
+                   split: str = "test", settings: Mapping[str, Any] | None = None) -> dict:
+    """An image-text retrieval result from the image-by-text similarity matrix; ``settings`` adds what
+    produced the matrix (checkpoint, text field, normalisation, ...)."""
     recalls = retrieval_recalls(similarity, sizes, ks)
     n = len(similarity)
     settings = {"sizes": list(sizes), "ks": list(ks), "pairs": "first N test pairs",
-                "ties": "resolved in the match's favour"}
+                "ties": "resolved in the match's favour", **(settings or {})}
     return _task("retrieval", dataset, split, metrics=[f"R@{k}" for k in ks], settings=settings,
                  n_samples=n, **recalls)
 

@@ -385,11 +385,15 @@ def retrieval_tables(results: Sequence[Mapping]) -> list[Table]:
                 for _, t in found:
                     row += [_value(t.get(direction, {}).get(str(size)), k) for size in sizes]
                 rows.append(row)
+        # sizes above a run's number of pairs have no column; say so rather than let them vanish
+        skipped = [f"{run}: {', '.join(map(str, t['skipped_sizes']))} (only {t.get('n_samples')} pairs)"
+                   for run, t in found if t.get("skipped_sizes")]
         tables.append(Table(
             name=f"retrieval__{_slug(d)}",
             title=f"Image-text retrieval on {d}: recall at K for each run and number of test samples.",
             columns=columns, rows=rows, label_columns=2, compare_within=-1,
-            notes=["IR/TR as Med3DVLM's evaluation script labels image-query and text-query recall."],
+            notes=["IR/TR as Med3DVLM's evaluation script labels image-query and text-query recall."]
+            + ([f"Sizes skipped: {'; '.join(skipped)}."] if skipped else []),
         ))
     return tables
 

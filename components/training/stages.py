@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.config import dump, to_dict
 from components.data.prompts import format_sample
 from components.training.augment import augment_batch
 
@@ -84,6 +85,10 @@ class MAEStage:
         module.load_state_dict(load_file(os.path.join(directory, "mae.safetensors")))
 
 
+CONTRASTIVE_SETTINGS = "contrastive.yaml"
+"""Beside ``contrastive.safetensors``: the encoder spec, contrastive config and text length it was trained with."""
+
+
 class ContrastiveStage:
     """Med3DVLM's SigLIP (or CLIP) pretraining of the image encoder against a text encoder."""
 
@@ -123,6 +128,9 @@ class ContrastiveStage:
 
     def save_model(self, module, full_state: dict, directory: str) -> None:
         _save_with_encoder(full_state, directory, "contrastive.safetensors", "image_encoder.")
+        # the structure the weights belong to, so retrieval evaluation can rebuild the model without the recipe
+        dump({"encoder": {**to_dict(self.encoder_spec), "checkpoint": None}, "model": to_dict(self.cfg),
+              "max_text_tokens": self.max_len}, os.path.join(directory, CONTRASTIVE_SETTINGS))
 
     def load_model(self, module, directory: str) -> None:
         module.load_state_dict(load_file(os.path.join(directory, "contrastive.safetensors")))
