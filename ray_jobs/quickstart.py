@@ -1,5 +1,6 @@
-"""The quickstart: phantom CT dataset -> Ray Data preprocessing -> align -> finetune -> evaluation
-through Ray Serve -> paper-style tables and the learning proof, on a local Ray cluster.
+"""The quickstart: phantom CT dataset -> Ray Data preprocessing -> contrastive encoder pretraining ->
+align -> finetune -> evaluation through Ray Serve -> paper-style tables and the learning proof, on a
+local Ray cluster.
 
     python -m ray_jobs.quickstart [--config ray_jobs/configs/quickstart.yaml] [key.sub=value ...]
 
@@ -43,6 +44,9 @@ class QuickstartConfig:
     """Step 1: the dataset."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Step 2: raw volumes -> training shards."""
+    pretrain: RecipeRef | None = None
+    """Contrastive pretraining of the 3D encoder (a ``ray_jobs.pretrain_contrastive`` recipe); the VLM
+    stages start from its encoder and the evaluation reports its image-text retrieval."""
     align: RecipeRef | None = None
     """Stage-1 tuning (perceiver only); its data.path is the preprocess output."""
     finetune: RecipeRef | None = None
@@ -72,14 +76,23 @@ def _preprocess_once(cfg: QuickstartConfig, phantom: dict) -> dict:
     return summary
 
 
-def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str]) -> dict:
+def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str],
+           job_class: str = "ray_jobs.train_vlm.VLMJobConfig") -> dict:
+    import importlib
+
     from components.config import load as load_cfg
     from ray_jobs.train_common import fit
-    from ray_jobs.train_vlm import VLMJobConfig
 
-    job = load_cfg(VLMJobConfig, ref.recipe, [f"data.path={cfg.preprocess.output}",
-                                              f"run.storage_path={cfg.runs}", *ref.overrides, *extra])
-    return fit(job, "ray_jobs.train_vlm.VLMJobConfig")
+    module, name = job_class.rsplit(".", 1)
+    job = load_cfg(getattr(importlib.import_module(module), name), ref.recipe,
+                   [f"data.path={cfg.preprocess.output}", f"run.storage_path={cfg.runs}", *ref.overrides, *extra])
+    return fit(job, job_class)
+
+
+def _pretrain(cfg: QuickstartConfig) -> dict:
+    out = _train(cfg.pretrain, cfg, [], "ray_jobs.pretrain_contrastive.ContrastiveJobConfig")
+    out["encoder"] = os.path.join(out["checkpoint"], "model", "encoder.safetensors")
+    return out
 
 
 def _train_twin(cfg: QuickstartConfig, suffix: str, extra: list[str], step, say) -> dict:
@@ -147,7 +160,8 @@ def _tables(cfg: QuickstartConfig, evals: list[dict]) -> str:
 def run(cfg: QuickstartConfig) -> dict:
     t0 = time.time()
     trains = (cfg.align is not None) + (cfg.finetune is not None)
-    n = 2 + trains * (2 if cfg.blind else 1) + (cfg.evaluate is not None) * (2 if cfg.blind else 1)
+    n = 2 + (cfg.pretrain is not None) + trains * (2 if cfg.blind else 1) + \
+        (cfg.evaluate is not None) * (2 if cfg.blind else 1)
     counter = iter(range(1, n + 1))
 
     def say(i, text):
@@ -159,12 +173,18 @@ def run(cfg: QuickstartConfig) -> dict:
     summary = _preprocess_once(cfg, phantom)
     for folder in (cfg.runs, cfg.results):  # every quickstart trains and evaluates afresh
         shutil.rmtree(folder, ignore_errors=True)
-    trained = _train_twin(cfg, "", [], lambda: next(counter), say)
-    twin = _train_twin(cfg, "-blind", ["data.images=zeros"], lambda: next(counter), say) if cfg.blind else {}
+    pretrained, encoder = {}, []
+    if cfg.pretrain is not None:
+        say(next(counter), "pretrain the 3D encoder against the reports (contrastive)")
+        pretrained = {"pretrain": _pretrain(cfg)}
+        encoder = [f"model.encoder_3d.checkpoint={pretrained['pretrain']['encoder']}"]
+    trained = _train_twin(cfg, "", encoder, lambda: next(counter), say)
+    twin = _train_twin(cfg, "-blind", ["data.images=zeros", *encoder], lambda: next(counter), say) if cfg.blind else {}
     evals = {}
     if cfg.evaluate is not None and "finetune" in trained:
         say(next(counter), "evaluate the model on the test split through Ray Serve")
-        evals["trained"] = _evaluate(cfg, trained["finetune"]["checkpoint"], "real", "trained", [])
+        retrieval = [f"retrieval.model={pretrained['pretrain']['checkpoint']}"] if pretrained else []
+        evals["trained"] = _evaluate(cfg, trained["finetune"]["checkpoint"], "real", "trained", retrieval)
         if twin:
             say(next(counter), "evaluate the blind twin (zeros for images) through Ray Serve")
             evals["blind"] = _evaluate(cfg, twin["finetune"]["checkpoint"], "zeros", "blind",
@@ -172,8 +192,8 @@ def run(cfg: QuickstartConfig) -> dict:
     os.makedirs(cfg.results, exist_ok=True)
     tables = _tables(cfg, list(evals.values())) if evals else None
     proof = prove(cfg, evals["trained"], evals["blind"]) if "blind" in evals else None
-    report(cfg, summary, trained, twin, evals, tables, proof, time.time() - t0)
-    return {"preprocess": summary, **trained, **{f"{k}-blind": v for k, v in twin.items()}, "evaluations": evals,
+    report(cfg, summary, {**pretrained, **trained}, twin, evals, tables, proof, time.time() - t0)
+    return {"preprocess": summary, **pretrained, **trained, **{f"{k}-blind": v for k, v in twin.items()}, "evaluations": evals,
             "tables": tables, "proof": proof}
 
 

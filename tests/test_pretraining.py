@@ -286,3 +286,26 @@ def test_contrastive_text_encoder_from_a_config_dict():
     out["loss"].backward()
     assert out["logits"].shape == (3, 3)
     assert_every_parameter_has_grad(model)
+
+
+def test_locked_text_tower_trains_only_its_projection_and_encodes_each_report_once(minilm):
+    path, tokenizer = minilm
+    torch.manual_seed(0)
+    model = build_contrastive({"embed_dim": 16, "loss": "clip", "text_tune": "frozen"}, ViT3D(SMALL_VIT)).train()
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    # the second batch repeats the first report in another padding: the cache keys on unpadded ids
+    first = tokenizer(REPORTS, padding=True, return_tensors="pt")
+    second = tokenizer([REPORTS[0]], padding="max_length", max_length=first["input_ids"].shape[1] + 3,
+                       return_tensors="pt")
+    out = model(torch.randn(2, 1, 16, 32, 32), first["input_ids"], first["attention_mask"])
+    out["loss"].backward()
+    assert_every_parameter_has_grad(model)  # image tower, both projections, temperature
+    assert len(model._text_cache) == 2
+    again = model.encode_text(second["input_ids"], second["attention_mask"])
+    assert len(model._text_cache) == 2
+    with torch.no_grad():
+        model.text_encoder.eval()
+        direct = model.text_encoder(**first).last_hidden_state[:, 0]
+        expected = F.normalize(model.text_proj(direct), dim=-1)
+    assert torch.allclose(out["text_embeds"], expected, atol=1e-5)
+    assert torch.allclose(again[0], expected[0], atol=1e-5)

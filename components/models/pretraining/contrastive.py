@@ -43,6 +43,10 @@ class ContrastiveConfig:
     """Initial log-temperature t'; null = log 10 for SigLIP, log(1/0.07) for CLIP."""
     init_logit_bias: float = -10.0
     """Initial SigLIP bias b."""
+    text_tune: Literal["full", "frozen"] = "full"
+    """Train the text tower, or keep it locked (only its projection learns): with few reports a
+    pretrained sentence encoder already separates them, and a locked tower's features are computed
+    once per distinct report."""
 
 
 def default_text_encoder_path() -> str:
@@ -124,13 +128,18 @@ class ContrastiveModel(nn.Module):
 
     def __init__(self, image_encoder: nn.Module, text_encoder_path_or_config: str | dict | Any | nn.Module | None,
                  embed_dim: int = 768, loss: Literal["siglip", "clip"] = "siglip",
-                 init_logit_scale: float | None = None, init_logit_bias: float = -10.0):
+                 init_logit_scale: float | None = None, init_logit_bias: float = -10.0,
+                 text_tune: Literal["full", "frozen"] = "full"):
         super().__init__()
         if loss not in ("siglip", "clip"):
             raise ValueError(f"loss must be 'siglip' or 'clip', got {loss!r}")
         self.loss_type = loss
         self.image_encoder = image_encoder
         self.text_encoder = load_text_encoder(text_encoder_path_or_config)
+        self.text_frozen = text_tune == "frozen"
+        self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        if self.text_frozen:
+            self.text_encoder.requires_grad_(False)
         self.image_proj = nn.Linear(image_encoder.out_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, embed_dim, bias=False)
         if init_logit_scale is None:
@@ -149,8 +158,22 @@ class ContrastiveModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids -> (B, embed_dim), L2-normalised projection of the [CLS] hidden state."""
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        cls = self._frozen_text_features(input_ids, attention_mask) if self.text_frozen else \
+            self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        return F.normalize(self.text_proj(cls), dim=-1)
+
+    @torch.no_grad()
+    def _frozen_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[CLS] states of a locked tower, each distinct text encoded once (reports repeat every epoch)."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        keys = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, mask)]
+        todo = [i for i, k in enumerate(keys) if k not in self._text_cache]
+        if todo:
+            self.text_encoder.eval()  # no dropout: a cached feature must not depend on when it was made
+            hidden = self.text_encoder(input_ids=input_ids[todo], attention_mask=mask[todo]).last_hidden_state
+            for i, h in zip(todo, hidden[:, 0]):
+                self._text_cache[keys[i]] = h.detach()
+        return torch.stack([self._text_cache[k] for k in keys])
 
     def forward(self, volume: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -168,4 +191,4 @@ def build_contrastive(cfg: ContrastiveConfig | dict, image_encoder: nn.Module) -
     if isinstance(cfg, dict):
         cfg = from_dict(ContrastiveConfig, cfg)
     return ContrastiveModel(image_encoder, cfg.text_encoder or None, cfg.embed_dim, cfg.loss,
-                            cfg.init_logit_scale, cfg.init_logit_bias)
+                            cfg.init_logit_scale, cfg.init_logit_bias, cfg.text_tune)
