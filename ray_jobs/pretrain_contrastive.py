@@ -2,14 +2,15 @@
 
     python -m ray_jobs.pretrain_contrastive --config ray_jobs/configs/med3dvlm/siglip.yaml [key.sub=value ...]
 
-The image-encoder export is ``<checkpoint>/model/encoder.safetensors``.
+The image-encoder export is ``<checkpoint>/model/encoder.safetensors``; a VLM recipe's
+``model.encoder_3d.checkpoint`` may name it, its checkpoint, or the run folder (the newest checkpoint's).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
-from components.config import parse_cli
+from components.config import parse_cli, to_dict
 from components.models.config import EncoderSpec
 from components.models.pretraining.contrastive import ContrastiveConfig
 from components.training.config import TrainingSections
@@ -31,7 +32,7 @@ class ContrastiveJobConfig(TrainingSections):
     """How to reach Ray."""
 
     def make_stage(self):
-        return ContrastiveStage(self.model, self.encoder, self.max_text_tokens)
+        return ContrastiveStage(self.model, self.encoder, self.max_text_tokens, to_dict(self.storage))
 
 
 def main(argv=None):

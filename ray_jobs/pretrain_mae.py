@@ -3,7 +3,7 @@
     python -m ray_jobs.pretrain_mae --config ray_jobs/configs/e3d_gpt/mae.yaml [key.sub=value ...]
 
 The encoder export is ``<checkpoint>/model/encoder.safetensors``: point a VLM recipe's
-``model.encoder_3d.checkpoint`` at it.
+``model.encoder_3d.checkpoint`` at it, at its checkpoint, or at the run folder (the newest checkpoint's).
 """
 from __future__ import annotations
 

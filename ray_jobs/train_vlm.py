@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from components.config import parse_cli
+from components.config import parse_cli, to_dict
 from components.models.config import VLMConfig
 from components.training.config import TrainingSections
 from components.training.stages import VLMStage
@@ -58,7 +58,7 @@ class VLMJobConfig(TrainingSections):
             raise ValueError("stage: 'finetune' tunes the LLM; set model.tune.llm to lora (or full)")
 
     def make_stage(self):
-        return VLMStage(self.model, self.stage, self.data.tasks, self.data.images)
+        return VLMStage(self.model, self.stage, self.data.tasks, self.data.images, to_dict(self.storage))
 
 
 def main(argv=None):

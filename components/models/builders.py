@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from components.models.perceivers import (AvgPoolPerceiver, Conv3dPerceiver, Dua
 
 __all__ = ["ENCODERS", "PERCEIVERS", "register_encoder", "register_perceiver", "build_encoder", "encoder_stages",
            "encoder_volume_size", "build_perceiver", "build_fusion", "build_llm", "build_llm_config",
-           "build_tokenizer", "build_vlm", "resolve_path", "load_weights"]
+           "build_tokenizer", "build_vlm", "resolve_path", "encoder_weights_file", "load_weights"]
 
 Grid = tuple[int, int, int]
 
@@ -77,8 +78,10 @@ def _encoder_config(spec: EncoderSpec):
     return family, (from_dict(family.config_cls, data) if family.config_cls is not None else data)
 
 
-def build_encoder(spec: EncoderSpec | str | dict, load_checkpoint: bool = True) -> nn.Module:
-    """An encoder from a spec, a family/preset name (``"e3d_vit"``) or a mapping of EncoderSpec fields."""
+def build_encoder(spec: EncoderSpec | str | dict, load_checkpoint: bool = True,
+                  storage: dict | None = None) -> nn.Module:
+    """An encoder from a spec, a family/preset name (``"e3d_vit"``) or a mapping of EncoderSpec fields;
+    ``storage`` reaches a checkpoint in object storage (see :func:`load_weights`)."""
     if isinstance(spec, str):
         spec = EncoderSpec(name=spec)
     elif isinstance(spec, dict):
@@ -86,7 +89,7 @@ def build_encoder(spec: EncoderSpec | str | dict, load_checkpoint: bool = True) 
     family, cfg = _encoder_config(spec)
     encoder = family.build(cfg)
     if spec.checkpoint and load_checkpoint:
-        load_weights(encoder, spec.checkpoint)
+        load_weights(encoder, spec.checkpoint, storage)
     return encoder
 
 
@@ -119,17 +122,53 @@ def _strip_common_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> di
     return state
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """Load a safetensors state dict (file, or a directory with exactly one) into ``module``, strictly."""
+ENCODER_EXPORT = "encoder.safetensors"
+"""What MAE and contrastive pretraining write beside their whole model in a checkpoint's ``model/``."""
+
+
+def encoder_weights_file(path: str, storage: dict | None = None):
+    """``(filesystem, file)`` of the weights an encoder ``checkpoint`` names: a ``.safetensors`` file, a folder
+    holding exactly one (or an ``encoder.safetensors`` among several), a checkpoint folder or a pretraining
+    run folder (its newest ``checkpoint_*``), local or any fsspec URL."""
+    from components.data.storage import open_fs
+    from components.training.loop import find_checkpoint
+
+    fs, root = open_fs(path, storage)
+    if fs.isfile(root):
+        return fs, root
+    if root.endswith(".safetensors"):
+        raise FileNotFoundError(f"encoder checkpoint: no file {path}")
+    files = sorted(fs.glob(f"{root.rstrip('/')}/*.safetensors")) if fs.isdir(root) else []
+    if len(files) == 1:
+        return fs, files[0]
+    exported = [f for f in files if f.rsplit("/", 1)[-1] == ENCODER_EXPORT]
+    if exported:  # a checkpoint's model/ folder: the whole pretraining model plus the encoder export
+        return fs, exported[0]
+    if files:
+        raise FileNotFoundError(f"encoder checkpoint {path}: {len(files)} .safetensors files and no {ENCODER_EXPORT}")
+    fs, ckpt = find_checkpoint(path, storage, field="encoder checkpoint")
+    export = f"{ckpt}/model/{ENCODER_EXPORT}"
+    if not fs.isfile(export):
+        raise FileNotFoundError(f"encoder checkpoint {path}: {ckpt} has no model/{ENCODER_EXPORT} "
+                                "(not an MAE or contrastive pretraining run?)")
+    return fs, export
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, storage: dict | None = None) -> None:
+    """Load encoder weights (any ``checkpoint`` that :func:`encoder_weights_file` accepts) into ``module``,
+    strictly. ``storage`` (endpoint, keys) reaches object storage; without it the environment's credentials do."""
     from safetensors.torch import load_file
 
-    path = Path(resolve_path(str(path)))
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"{path}: expected exactly one .safetensors file, found {len(files)}")
-        path = files[0]
-    state = load_file(str(path))
+    from components.data.storage import is_local_fs
+
+    fs, file = encoder_weights_file(resolve_path(str(path)), storage)
+    if is_local_fs(fs):
+        state = load_file(file)
+    else:
+        with tempfile.TemporaryDirectory(prefix="radray-weights-") as tmp:
+            local = os.path.join(tmp, ENCODER_EXPORT)
+            fs.get(file, local)
+            state = load_file(local)
     wanted = set(module.state_dict())
     module.load_state_dict(_strip_common_prefix(state, wanted), strict=True)
 
@@ -322,8 +361,10 @@ def llm_hidden_size(llm_config) -> int:
 
 
 # --------------------------------------------------------------------------- the whole model
-def build_vlm(cfg: VLMConfig | str | os.PathLike | dict, overrides: list[str] | None = None):
-    """A VolumeVLM from a config object, a YAML path (+ ``key=value`` overrides) or a mapping."""
+def build_vlm(cfg: VLMConfig | str | os.PathLike | dict, overrides: list[str] | None = None,
+              storage: dict | None = None):
+    """A VolumeVLM from a config object, a YAML path (+ ``key=value`` overrides) or a mapping;
+    ``storage`` reaches encoder checkpoints in object storage."""
     from components.config import load
     from components.models.vlm import VolumeVLM
 
@@ -331,10 +372,10 @@ def build_vlm(cfg: VLMConfig | str | os.PathLike | dict, overrides: list[str] | 
         cfg = load(VLMConfig, cfg, overrides)
     elif isinstance(cfg, dict):
         cfg = load(VLMConfig, data=cfg, overrides=overrides)
-    encoder_3d = build_encoder(cfg.encoder_3d)
+    encoder_3d = build_encoder(cfg.encoder_3d, storage=storage)
     llm, tokenizer = build_llm(cfg.llm)
     dim = llm_hidden_size(llm.config)
     perceiver = build_perceiver(cfg.perceiver, dim, encoder_3d)
-    encoder_2d = build_encoder(cfg.encoder_2d) if cfg.encoder_2d is not None else None
+    encoder_2d = build_encoder(cfg.encoder_2d, storage=storage) if cfg.encoder_2d is not None else None
     fusion = build_fusion(cfg.fusion, dim, encoder_2d.out_dim) if encoder_2d is not None else None
     return VolumeVLM(cfg, encoder_3d, perceiver, llm, tokenizer, encoder_2d=encoder_2d, fusion=fusion)

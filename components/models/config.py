@@ -26,8 +26,10 @@ class EncoderSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Config fields replaced on top of the preset, e.g. ``{depth: 2}`` or ``{volume_size: [32, 64, 64]}``."""
     checkpoint: str | None = None
-    """Weights to load: a ``.safetensors`` file with the encoder's state dict (e.g. the MAE or SigLIP
-    pretraining export), or a directory holding exactly one."""
+    """Weights to load, local or in object storage (``s3://...``, any fsspec URL; a training job reaches it
+    with its ``storage`` settings): a ``.safetensors`` file with the encoder's state dict; a folder holding
+    exactly one; a checkpoint folder (its ``model/encoder.safetensors``, the MAE or contrastive pretraining
+    export); or a pretraining run folder, ``<run.storage_path>/<run.name>`` (its newest ``checkpoint_*``)."""
 
 
 @dataclass

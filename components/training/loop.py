@@ -64,21 +64,31 @@ class TrainerState:
             json.dump(self.__dict__, f)
 
 
-def resolve_checkpoint(path: str | None, storage: dict | None = None) -> str | None:
+def find_checkpoint(path: str, storage: dict | None = None, field: str | None = None):
+    """``(filesystem, folder)`` of the checkpoint ``path`` names: ``path`` itself when it holds ``model/``,
+    else the run folder's newest ``checkpoint_*``. ``field`` (the setting that named it) prefixes errors."""
+    from components.data.storage import open_fs
+
+    fs, root = open_fs(path, storage)
+    if fs.exists(f"{root}/model"):
+        return fs, root
+    entries = fs.ls(root, detail=True) if fs.isdir(root) else []
+    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
+    ckpts = sorted(n for n in names if n.startswith("checkpoint_"))  # Ray zero-pads the index: newest last
+    if not ckpts:
+        where = f"{field}: " if field else ""
+        raise FileNotFoundError(f"{where}no checkpoint (model/ folder or checkpoint_*) in {path}")
+    return fs, f"{root.rstrip('/')}/{ckpts[-1]}"
+
+
+def resolve_checkpoint(path: str | None, storage: dict | None = None, field: str | None = None) -> str | None:
     """A local checkpoint folder from a checkpoint or run folder (its newest ``checkpoint_*``),
     local or in object storage (then its ``model/`` part is downloaded to a temporary folder)."""
-    from components.data.storage import is_remote, open_fs
+    from components.data.storage import is_remote
 
     if not path:
         return None
-    fs, root = open_fs(path, storage)
-    if not fs.exists(f"{root}/model"):
-        entries = fs.ls(root, detail=True) if fs.exists(root) else []
-        ckpts = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
-                       if e["type"] == "directory" and e["name"].rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
-        if not ckpts:
-            raise FileNotFoundError(f"run.init_from: no checkpoint (model/ folder or checkpoint_*) in {path}")
-        root = f"{root.rstrip('/')}/{ckpts[-1]}"
+    fs, root = find_checkpoint(path, storage, field)
     if not is_remote(path):
         return root
     local = tempfile.mkdtemp(prefix="radray-init-")
@@ -106,7 +116,7 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
     """Run ``stage`` until ``total_steps`` optimizer steps; returns the last reported metrics."""
     rank, world = session.world_rank, session.world_size
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model = stage.build_model(resolve_checkpoint(cfg.run.init_from, to_dict(cfg.storage)))
+    model = stage.build_model(resolve_checkpoint(cfg.run.init_from, to_dict(cfg.storage), "run.init_from"))
     engine = build_engine(model, cfg.optim, cfg.strategy, total_steps, session.device, world, cfg.data.batch_size)
     state = TrainerState()
     with session.latest_checkpoint() as ckpt:

@@ -45,10 +45,12 @@ def _save_state(state: dict, path: str) -> None:
 
 def _save_with_encoder(full_state: dict, directory: str, filename: str, encoder_prefix: str) -> None:
     """The whole pretraining model (for resuming) plus its encoder alone (for a VLM's encoder_3d.checkpoint)."""
+    from components.models.builders import ENCODER_EXPORT
+
     os.makedirs(directory, exist_ok=True)
     _save_state(full_state, os.path.join(directory, filename))
     enc = {k.removeprefix(encoder_prefix): v for k, v in full_state.items() if k.startswith(encoder_prefix)}
-    _save_state(enc, os.path.join(directory, "encoder.safetensors"))
+    _save_state(enc, os.path.join(directory, ENCODER_EXPORT))
 
 
 class MAEStage:
@@ -96,8 +98,10 @@ class ContrastiveStage:
     needs_samples = True
     tasks = ("caption",)
 
-    def __init__(self, contrastive_cfg, encoder_spec, max_text_tokens: int = 128):
+    def __init__(self, contrastive_cfg, encoder_spec, max_text_tokens: int = 128, storage: dict | None = None):
         self.cfg, self.encoder_spec, self.max_len = contrastive_cfg, encoder_spec, max_text_tokens
+        self.storage = storage
+        """The job's object-storage settings, for an encoder ``checkpoint`` in a bucket."""
         self.tokenizer = None
 
     def build_model(self, init_from: str | None):
@@ -106,7 +110,7 @@ class ContrastiveStage:
         from components.models.builders import build_encoder
         from components.models.pretraining.contrastive import build_contrastive, default_text_encoder_path
 
-        model = build_contrastive(self.cfg, build_encoder(self.encoder_spec))
+        model = build_contrastive(self.cfg, build_encoder(self.encoder_spec, storage=self.storage))
         text_path = getattr(self.cfg, "text_encoder", None) or default_text_encoder_path()
         self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
         if init_from:
@@ -141,8 +145,10 @@ class VLMStage:
 
     needs_samples = True
 
-    def __init__(self, vlm_cfg, stage: str, tasks, images: str = "real"):
+    def __init__(self, vlm_cfg, stage: str, tasks, images: str = "real", storage: dict | None = None):
         self.cfg, self.name, self.tasks, self.images = vlm_cfg, stage, tuple(tasks), images
+        self.storage = storage
+        """The job's object-storage settings, for encoder checkpoints in a bucket (a pretraining run)."""
 
     def build_model(self, init_from: str | None):
         from components.models.builders import build_vlm
@@ -154,7 +160,7 @@ class VLMStage:
             model.config.tune = self.cfg.tune
             model.apply_tune_modes()
         else:
-            model = build_vlm(self.cfg)
+            model = build_vlm(self.cfg, storage=self.storage)
         self.model_ref = model
         return model
 
