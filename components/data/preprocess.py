@@ -172,9 +172,9 @@ def resample_to_spec(vol: Volume, spec: PreprocessSpec) -> np.ndarray:
     arr = vol.array[region]
     if arr.dtype == np.bool_ or arr.dtype.itemsize > 4 or arr.dtype == np.uint32:
         arr = arr.astype(np.float32)
-    # nibabel's (x, y, z) Fortran-ordered data is SimpleITK's C-ordered (z, y, x): a copy of the
-    # needed region only.
-    image = sitk.GetImageFromArray(np.ascontiguousarray(arr.T))
+    # nibabel's (x, y, z) Fortran-ordered data is SimpleITK's C-ordered (z, y, x). SimpleITK copies
+    # the needed region straight from the strided view into its image: no intermediate numpy copy.
+    image = sitk.GetImageFromArray(arr.T)
     origin = vol.affine @ np.array([region[0].start, region[1].start, region[2].start, 1.0])
     lps = np.diag([-1.0, -1.0, 1.0])
     in_sp = np.linalg.norm(vol.affine[:3, :3], axis=0)
