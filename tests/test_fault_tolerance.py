@@ -12,6 +12,7 @@ import pytest
 from components.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30  # checkpoints every 6 steps: the fault lands after the first, several follow the restart
 
 
 def _cfg(train_shards, tmp_path, name, extra=()):
@@ -19,7 +20,7 @@ def _cfg(train_shards, tmp_path, name, extra=()):
 
     return load(MAEJobConfig, os.path.join(ROOT, "ray_jobs/configs/cpu/mae.yaml"), [
         f"data.path={train_shards}", f"run.storage_path={tmp_path}", f"run.name={name}",
-        "run.max_failures=1", "run.epochs=200", "run.max_steps=60", "run.report_every_n_steps=2",
+        "run.max_failures=1", "run.epochs=200", f"run.max_steps={STEPS}", "run.report_every_n_steps=3",
         "checkpoint.every_n_steps=6", "data.batch_size=2", *extra])
 
 
@@ -69,7 +70,7 @@ def _assert_resumed(history, every=6):
     assert restarted and all(s % every == 0 for s in restarted), (steps, starts)
     # ... and the step counter carried on from there to the end
     after = [h["step"] for h in history if h["resumed_from"] > 0]
-    assert after[0] > restarted[0] and steps[-1] == 60, (steps, starts)
+    assert after[0] > restarted[0] and steps[-1] == STEPS, (steps, starts)
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(train_shards, tmp_path, ray_local):
