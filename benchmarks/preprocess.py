@@ -36,11 +36,11 @@ def make_volumes(folder: str, n: int) -> list[str]:
 
     cfg = PhantomConfig(n_volumes=n, seed=1, scale=0.97, shape=(512, 512, 200), spacing=(0.7, 0.7, 2.5),
                         planes=("axial",), dicom_fraction=0.0)
-    marker = os.path.join(folder, "phantom.json")
-    if not os.path.exists(marker):
+    vols = os.path.join(folder, "volumes")
+    have = len(os.listdir(vols)) if os.path.exists(os.path.join(folder, "phantom.json")) else 0
+    if have < n:  # a cache made for fewer volumes would silently shrink the run
         print(f"making {n} phantom volumes of 512x512x200 in {folder} (once; reused afterwards)", flush=True)
         make_phantom_dataset(folder, cfg)
-    vols = os.path.join(folder, "volumes")
     return sorted(os.path.join(vols, f) for f in os.listdir(vols))[:n]
 
 
