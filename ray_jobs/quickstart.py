@@ -76,23 +76,21 @@ def _preprocess_once(cfg: QuickstartConfig, phantom: dict) -> dict:
     return summary
 
 
-def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str],
-           job_class: str = "ray_jobs.train_vlm.VLMJobConfig") -> dict:
-    import importlib
-
+def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str], job_class=None) -> dict:
     from components.config import load as load_cfg
     from ray_jobs.train_common import fit
+    from ray_jobs.train_vlm import VLMJobConfig
 
-    module, name = job_class.rsplit(".", 1)
-    job = load_cfg(getattr(importlib.import_module(module), name), ref.recipe,
-                   [f"data.path={cfg.preprocess.output}", f"run.storage_path={cfg.runs}", *ref.overrides, *extra])
-    return fit(job, job_class)
+    job_class = job_class or VLMJobConfig
+    job = load_cfg(job_class, ref.recipe, [f"data.path={cfg.preprocess.output}", f"run.storage_path={cfg.runs}",
+                                          *ref.overrides, *extra])
+    return fit(job, f"{job_class.__module__}.{job_class.__qualname__}")
 
 
 def _pretrain(cfg: QuickstartConfig) -> dict:
-    out = _train(cfg.pretrain, cfg, [], "ray_jobs.pretrain_contrastive.ContrastiveJobConfig")
-    out["encoder"] = os.path.join(out["checkpoint"], "model", "encoder.safetensors")
-    return out
+    from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
+
+    return _train(cfg.pretrain, cfg, [], ContrastiveJobConfig)
 
 
 def _train_twin(cfg: QuickstartConfig, suffix: str, extra: list[str], step, say) -> dict:
@@ -177,7 +175,8 @@ def run(cfg: QuickstartConfig) -> dict:
     if cfg.pretrain is not None:
         say(next(counter), "pretrain the 3D encoder against the reports (contrastive)")
         pretrained = {"pretrain": _pretrain(cfg)}
-        encoder = [f"model.encoder_3d.checkpoint={pretrained['pretrain']['encoder']}"]
+        # a pretraining checkpoint names its encoder export (see EncoderSpec.checkpoint)
+        encoder = [f"model.encoder_3d.checkpoint={pretrained['pretrain']['checkpoint']}"]
     trained = _train_twin(cfg, "", encoder, lambda: next(counter), say)
     twin = _train_twin(cfg, "-blind", ["data.images=zeros", *encoder], lambda: next(counter), say) if cfg.blind else {}
     evals = {}

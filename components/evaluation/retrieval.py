@@ -44,28 +44,11 @@ class PairEmbedder:
     """A contrastive model folder, checkpoint or run folder (local or s3://), loaded to embed volumes and reports."""
 
     def __init__(self, checkpoint: str, storage: dict | None = None, device: str = "cpu", batch_size: int = 8):
-        import yaml
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer
+        from components.training.stages import CONTRASTIVE_SETTINGS, ContrastiveStage
 
-        from components.models.builders import build_encoder
-        from components.models.pretraining.contrastive import build_contrastive, default_text_encoder_path
-        from components.training.stages import CONTRASTIVE_SETTINGS
-
-        folder = model_folder(checkpoint, storage, marker=CONTRASTIVE_SETTINGS)
-        settings_path = os.path.join(folder, CONTRASTIVE_SETTINGS)
-        if not os.path.exists(settings_path):
-            raise FileNotFoundError(f"{checkpoint}: not a contrastive checkpoint (no {CONTRASTIVE_SETTINGS} "
-                                    f"in {folder}); ray_jobs.pretrain_contrastive writes one")
-        with open(settings_path, encoding="utf-8") as f:
-            saved = yaml.safe_load(f)
-        # the encoder's weights arrive with the rest of the model from contrastive.safetensors
-        model = build_contrastive(saved["model"], build_encoder(saved["encoder"], load_checkpoint=False))
-        model.load_state_dict(load_file(os.path.join(folder, "contrastive.safetensors")))
+        stage, model = ContrastiveStage.from_export(model_folder(checkpoint, storage, marker=CONTRASTIVE_SETTINGS))
         self.model = model.to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(saved["model"].get("text_encoder") or default_text_encoder_path(),
-                                                       local_files_only=True)
-        self.max_text_tokens = int(saved["max_text_tokens"])
+        self.tokenizer, self.max_text_tokens = stage.tokenizer, stage.max_len
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()

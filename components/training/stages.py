@@ -139,6 +139,28 @@ class ContrastiveStage:
     def load_model(self, module, directory: str) -> None:
         module.load_state_dict(load_file(os.path.join(directory, "contrastive.safetensors")))
 
+    @classmethod
+    def from_export(cls, directory: str):
+        """``(stage, model)`` rebuilt from a checkpoint's ``model/`` folder that :meth:`save_model` wrote,
+        without the recipe (what retrieval evaluation loads)."""
+        import yaml
+
+        from components.config import from_dict
+        from components.models.config import EncoderSpec
+        from components.models.pretraining.contrastive import ContrastiveConfig
+
+        settings = os.path.join(directory, CONTRASTIVE_SETTINGS)
+        if not os.path.exists(settings):
+            raise FileNotFoundError(f"{directory}: not a contrastive checkpoint (no {CONTRASTIVE_SETTINGS}); "
+                                    "ray_jobs.pretrain_contrastive writes one")
+        with open(settings, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+        stage = cls(from_dict(ContrastiveConfig, saved["model"]), from_dict(EncoderSpec, saved["encoder"]),
+                    int(saved["max_text_tokens"]))
+        model = stage.build_model(None)
+        stage.load_model(model, directory)
+        return stage, model
+
 
 class VLMStage:
     """VolumeVLM tuning: ``align`` (perceiver only) or ``finetune`` (perceiver + LoRA), as the recipe's tune modes say."""
