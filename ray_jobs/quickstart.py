@@ -44,6 +44,9 @@ class QuickstartConfig:
     """Step 1: the dataset."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Step 2: raw volumes -> training shards."""
+    tokenizer: RecipeRef | None = None
+    """Refit the LLM's tokenizer to the training text (a ``ray_jobs.train_tokenizer`` config); the VLM
+    stages use it in place of their recipe's ``model.llm.tokenizer``."""
     pretrain: RecipeRef | None = None
     """Contrastive pretraining of the 3D encoder (a ``ray_jobs.pretrain_contrastive`` recipe); the VLM
     stages start from its encoder and the evaluation reports its image-text retrieval."""
@@ -91,6 +94,15 @@ def _pretrain(cfg: QuickstartConfig) -> dict:
     from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
 
     return _train(cfg.pretrain, cfg, [], ContrastiveJobConfig)
+
+
+def _tokenizer(cfg: QuickstartConfig) -> dict:
+    from ray_jobs.train_tokenizer import TokenizerJobConfig
+    from ray_jobs.train_tokenizer import run as train_tokenizer
+
+    job = load(TokenizerJobConfig, cfg.tokenizer.recipe, [f"data_path={cfg.preprocess.output}", *cfg.tokenizer.overrides])
+    job.output = os.path.abspath(job.output)
+    return train_tokenizer(job)
 
 
 def _train_twin(cfg: QuickstartConfig, suffix: str, extra: list[str], step, say) -> dict:
@@ -158,7 +170,7 @@ def _tables(cfg: QuickstartConfig, evals: list[dict]) -> str:
 def run(cfg: QuickstartConfig) -> dict:
     t0 = time.time()
     trains = (cfg.align is not None) + (cfg.finetune is not None)
-    n = 2 + (cfg.pretrain is not None) + trains * (2 if cfg.blind else 1) + \
+    n = 2 + (cfg.tokenizer is not None) + (cfg.pretrain is not None) + trains * (2 if cfg.blind else 1) + \
         (cfg.evaluate is not None) * (2 if cfg.blind else 1)
     counter = iter(range(1, n + 1))
 
@@ -171,14 +183,17 @@ def run(cfg: QuickstartConfig) -> dict:
     summary = _preprocess_once(cfg, phantom)
     for folder in (cfg.runs, cfg.results):  # every quickstart trains and evaluates afresh
         shutil.rmtree(folder, ignore_errors=True)
-    pretrained, encoder = {}, []
+    pretrained, shared = {}, []
+    if cfg.tokenizer is not None:
+        say(next(counter), "refit the LLM's tokenizer to the training text")
+        shared.append(f"model.llm.tokenizer={_tokenizer(cfg)['output']}")
     if cfg.pretrain is not None:
         say(next(counter), "pretrain the 3D encoder against the reports (contrastive)")
         pretrained = {"pretrain": _pretrain(cfg)}
         # a pretraining checkpoint names its encoder export (see EncoderSpec.checkpoint)
-        encoder = [f"model.encoder_3d.checkpoint={pretrained['pretrain']['checkpoint']}"]
-    trained = _train_twin(cfg, "", encoder, lambda: next(counter), say)
-    twin = _train_twin(cfg, "-blind", ["data.images=zeros", *encoder], lambda: next(counter), say) if cfg.blind else {}
+        shared.append(f"model.encoder_3d.checkpoint={pretrained['pretrain']['checkpoint']}")
+    trained = _train_twin(cfg, "", shared, lambda: next(counter), say)
+    twin = _train_twin(cfg, "-blind", ["data.images=zeros", *shared], lambda: next(counter), say) if cfg.blind else {}
     evals = {}
     if cfg.evaluate is not None and "finetune" in trained:
         say(next(counter), "evaluate the model on the test split through Ray Serve")

@@ -16,6 +16,9 @@ def config_class_for(path: str | Path):
     if "evaluate" in parts:
         from ray_jobs.evaluate import EvaluateConfig
         return EvaluateConfig
+    if "tokenizer" in parts:
+        from ray_jobs.train_tokenizer import TokenizerJobConfig
+        return TokenizerJobConfig
     if "preprocess" in parts:
         from ray_jobs.preprocess import PreprocessConfig
         return PreprocessConfig

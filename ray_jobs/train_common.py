@@ -306,6 +306,9 @@ def fit(cfg, job_class: str, callbacks: list | None = None) -> dict:
         cfg.run.init_from = os.path.abspath(cfg.run.init_from)  # workers run in another directory
     if not is_remote(cfg.data.path):
         cfg.data.path = os.path.abspath(cfg.data.path)
+    llm = getattr(getattr(cfg, "model", None), "llm", None)
+    if llm is not None and llm.tokenizer and not llm.tokenizer.startswith("pkg:"):
+        llm.tokenizer = os.path.abspath(os.path.expanduser(llm.tokenizer))
     stage = cfg.make_stage()
     ds, rows = training_dataset(cfg, stage)
     sc = cfg.scaling
