@@ -1,6 +1,6 @@
-"""The quickstart: phantom CT dataset -> Ray Data preprocessing -> contrastive encoder pretraining ->
-align -> finetune -> evaluation through Ray Serve -> paper-style tables and the learning proof, on a
-local Ray cluster.
+"""The quickstart: phantom CT dataset -> Ray Data preprocessing -> tokenizer refitted to the training
+text -> contrastive encoder pretraining -> align -> finetune -> evaluation through Ray Serve ->
+paper-style tables and the learning proof, on a local Ray cluster.
 
     python -m ray_jobs.quickstart [--config ray_jobs/configs/quickstart.yaml] [key.sub=value ...]
 
@@ -100,8 +100,9 @@ def _tokenizer(cfg: QuickstartConfig) -> dict:
     from ray_jobs.train_tokenizer import TokenizerJobConfig
     from ray_jobs.train_tokenizer import run as train_tokenizer
 
-    job = load(TokenizerJobConfig, cfg.tokenizer.recipe, [f"data_path={cfg.preprocess.output}", *cfg.tokenizer.overrides])
-    job.output = os.path.abspath(job.output)
+    job = load(TokenizerJobConfig, cfg.tokenizer.recipe,
+               [f"data_path={cfg.preprocess.output}", *cfg.tokenizer.overrides])
+    job.output = os.path.abspath(job.output)  # training workers run in another directory
     return train_tokenizer(job)
 
 
