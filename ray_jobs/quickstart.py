@@ -102,7 +102,6 @@ def _tokenizer(cfg: QuickstartConfig) -> dict:
 
     job = load(TokenizerJobConfig, cfg.tokenizer.recipe,
                [f"data_path={cfg.preprocess.output}", *cfg.tokenizer.overrides])
-    job.output = os.path.abspath(job.output)  # training workers run in another directory
     return train_tokenizer(job)
 
 
@@ -226,7 +225,7 @@ def report(cfg, summary, trained, twin, evals, tables, proof, seconds) -> None:
               f"checkpoint {t['checkpoint']}")
         print(f"{'':15s} loss curve {t['loss_curve']}")
     if tables:
-        print(f"\n== tables (test split; 'trained' = the model, 'blind' = its twin shown zeros)\n")
+        print("\n== tables (test split; 'trained' = the model, 'blind' = its twin shown zeros)\n")
         print(open(os.path.join(tables, "tables.md"), encoding="utf-8").read())
         print(f"tables and charts  {tables} (Markdown, CSV, PNG; per-type accuracy: "
               f"{os.path.join(tables, 'vqa_closed_per_type__' + os.path.basename(cfg.preprocess.output) + '.png')})")

@@ -64,12 +64,13 @@ def run(cfg: TokenizerJobConfig) -> dict:
     tokenizer = refit_tokenizer(base, texts, cfg.vocab_size)
     os.makedirs(cfg.output, exist_ok=True)
     tokenizer.save_pretrained(cfg.output)
-    lengths = [len(base(t)["input_ids"]) for t in texts[:200]], [len(tokenizer(t)["input_ids"]) for t in texts[:200]]
+    sample = texts[:200]
+    per_text = {name: sum(len(tok(t)["input_ids"]) for t in sample) / len(sample)
+                for name, tok in (("base", base), ("new", tokenizer))}
     summary = {"output": cfg.output, "vocab": len(tokenizer), "base_vocab": len(base), "samples": table.num_rows,
-               "tokens_per_text": {"base": sum(lengths[0]) / len(lengths[0]), "new": sum(lengths[1]) / len(lengths[1])},
-               "seconds": time.time() - t0}
+               "tokens_per_text": per_text, "seconds": time.time() - t0}
     print(f"[train_tokenizer] {len(tokenizer)} tokens (base {len(base)}) from {table.num_rows} {cfg.split} samples; "
-          f"{summary['tokens_per_text']['new']:.0f} tokens per sample (base {summary['tokens_per_text']['base']:.0f}) "
+          f"{per_text['new']:.0f} tokens per sample (base {per_text['base']:.0f}) "
           f"-> {cfg.output}", flush=True)
     return summary
 
