@@ -179,6 +179,32 @@ def test_lesion_attention_compares_against_the_slices_share(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lesion_attention_separates_a_habit_of_looking_at_the_middle_from_finding_the_lesion():
+    from components.metrics.slice_attention import lesion_attention
+
+    masks = []
+    for start in (3, 4, 5, 2, 6):  # lesions cluster around the middle of 12 slices, as organs do
+        m = np.zeros(12, bool)
+        m[start:start + 2] = True
+        masks.append(m)
+    middle = np.exp(-0.5 * ((np.arange(12) - 5.5) / 1.5) ** 2)
+    habit = lesion_attention([middle] * len(masks), masks)
+    assert habit["ratio"] > 1.3  # the uniform share alone would credit it
+    assert habit["ratio_to_positional"] == pytest.approx(1.0)  # it looks where it always looks
+    assert habit["sign_test_p"] == 1.0  # every question ties with the habit
+    follows = lesion_attention([np.where(m, 1.0, 0.05) for m in masks], masks)
+    assert follows["ratio"] > 3 and follows["ratio_to_positional"] > 2
+    assert follows["questions_above_positional"] == 1.0 and follows["sign_test_p"] == pytest.approx(1 / 32)
+
+
+def test_sign_test_matches_the_binomial_tail():
+    from components.metrics.slice_attention import sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 0) == pytest.approx(1 / 8)
+    assert sign_test_p(2, 1) == pytest.approx(4 / 8)
+    assert sign_test_p(60, 40) == pytest.approx(0.02844, abs=1e-4)
+
+
 def test_learning_proof_needs_all_three_conditions():
     from components.metrics.learning_proof import learning_proof
 
@@ -186,7 +212,7 @@ def test_learning_proof_needs_all_three_conditions():
         return {"run": "r", "tasks": [{"task": "vqa_closed", "micro": {"accuracy": acc}},
                                       {"task": "caption", "micro": {"meteor": meteor}}]}
 
-    looks = {"attention_on_lesion": 0.3, "lesion_slice_share": 0.1}
+    looks = {"attention_on_lesion": 0.3, "lesion_slice_share": 0.1, "positional_share": 0.12, "sign_test_p": 1e-6}
     proof = learning_proof(result(0.6, 0.3), result(0.27, 0.2), looks)
     assert proof["passed"] and [c["passed"] for c in proof["conditions"]] == [True, True, True]
     # a blind twin far above chance means the text leaks the answer: not a proof
@@ -194,6 +220,11 @@ def test_learning_proof_needs_all_three_conditions():
     assert not learning_proof(result(0.45, 0.3), result(0.25, 0.2), looks)["passed"]
     assert not learning_proof(result(0.6, 0.2), result(0.25, 0.2), looks)["conditions"][1]["passed"]
     # near-uniform slice weights do not count as looking at the lesion
-    even = {"attention_on_lesion": 0.1001, "lesion_slice_share": 0.1}
+    even = dict(looks, attention_on_lesion=0.1001)
     assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), even)["conditions"][2]["passed"]
+    # nor does looking where it always looks, or an edge over that habit no larger than chance gives
+    habit = dict(looks, positional_share=0.3)
+    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), habit)["conditions"][2]["passed"]
+    luck = dict(looks, sign_test_p=0.2)
+    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), luck)["conditions"][2]["passed"]
     assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), None)["passed"]

@@ -107,7 +107,8 @@ def test_vlm_align_with_ddp_then_finetune_with_zero3_and_resume(train_shards, tm
     falls, losses = _falls(_history(tmp_path / "align"))
     assert falls, losses
     assert os.path.exists(os.path.join(align["model_dir"], "config.yaml"))
-    ft = base + ZERO3 + ["run.name=finetune", f"run.init_from={tmp_path / 'align'}"]
+    # per-part learning rates become DeepSpeed parameter groups
+    ft = base + ZERO3 + ["run.name=finetune", f"run.init_from={tmp_path / 'align'}", "optim.lr_scale={perceiver: 2.0}"]
     first = _fit("train_vlm", "VLMJobConfig", "finetune.yaml", ft + ["run.max_steps=10"])
     falls, losses = _falls(_history(tmp_path / "finetune"))
     assert falls, losses

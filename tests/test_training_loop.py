@@ -115,3 +115,32 @@ def test_blind_baselines_hide_or_misplace_the_volume():
     assert sorted(shuffled[:, 0, 0, 0, 0].tolist()) == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="images"):
         blind(vols, "noise")
+
+
+def test_lr_scale_trains_named_parts_at_their_own_rate():
+    from components.config import ConfigError, load
+    from components.training.engine import DDPEngine, param_groups
+    from components.training.config import StrategyConfig
+
+    model = torch.nn.ModuleDict({"fusion": torch.nn.Linear(4, 4), "llm": torch.nn.Linear(4, 4),
+                                 "frozen": torch.nn.Linear(4, 4)})
+    model["frozen"].requires_grad_(False)
+    cfg = from_dict(OptimConfig, {"lr": 1e-3, "lr_scale": {"fusion": 5.0}, "warmup_ratio": 0.5})
+    groups = param_groups(model, cfg)
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-3), pytest.approx(5e-3)]  # base group first
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model["fusion"].parameters()}
+    assert sum(len(g["params"]) for g in groups) == 4  # frozen parameters are left out
+
+    # the schedule scales every group: warm-up keeps the 5x ratio
+    engine = DDPEngine(model, cfg, StrategyConfig(), total_steps=4, device=torch.device("cpu"), world_size=1)
+    lrs = [g["lr"] for g in engine.optimizer.param_groups]
+    assert lrs[1] == pytest.approx(5 * lrs[0]) and lrs[0] == pytest.approx(0.5e-3)
+
+    with pytest.raises(ValueError, match=r"optim.lr_scale.encoder_2d: matches no trainable parameter"):
+        param_groups(model, from_dict(OptimConfig, {"lr_scale": {"encoder_2d": 2.0}}))
+    with pytest.raises(ValueError, match=r"optim.lr_scale.frozen"):
+        param_groups(model, from_dict(OptimConfig, {"lr_scale": {"frozen": 2.0}}))
+    with pytest.raises(ConfigError, match=r"optim.*lr_scale.fusion"):
+        load(TrainingSections, data={"optim": {"lr_scale": {"fusion": 0}}})
+    with pytest.raises(ConfigError, match=r"optim.lr_scale.fusion: expected float"):
+        load(TrainingSections, data={"optim": {"lr_scale": {"fusion": "fast"}}})

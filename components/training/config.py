@@ -31,6 +31,16 @@ class OptimConfig:
     """Share of all steps spent warming up linearly (Med3DVLM: 0.03)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping; null disables it."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name prefix, e.g. ``{fusion: 5.0}`` trains the TG-IS
+    fusion at 5x ``lr`` (LLaVA's ``mm_projector_lr`` generalised). Keys are module paths of the model
+    being trained (VLM parts: encoder_3d, encoder_2d, perceiver, fusion, llm); the longest matching
+    prefix wins; a key matching no trainable parameter fails at the start of training."""
+
+    def __post_init__(self):
+        for key, scale in self.lr_scale.items():
+            if not key or scale <= 0:
+                raise ValueError(f"lr_scale.{key}: multipliers must be positive and keys non-empty, got {scale}")
 
 
 @dataclass

@@ -42,6 +42,24 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters grouped by ``cfg.lr_scale``; the unscaled group comes first so
+    ``param_groups[0]`` reports the base learning rate. Schedulers multiply every group's own lr."""
+    keys = sorted(cfg.lr_scale, key=len, reverse=True)
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    used = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in keys if name == k or name.startswith(k + ".")), None)
+        used.add(key)
+        groups.setdefault(cfg.lr_scale[key] if key else 1.0, []).append(p)
+    unused = [k for k in keys if k not in used]
+    if unused:
+        raise ValueError(f"optim.lr_scale.{unused[0]}: matches no trainable parameter of the model")
+    return [{"params": ps, "lr": cfg.lr * scale} for scale, ps in groups.items() if ps]
+
+
 class DDPEngine:
     """torch DistributedDataParallel (or the bare module with one worker)."""
 
@@ -55,7 +73,7 @@ class DDPEngine:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         else:
             self.model = model
-        self.optimizer = build_optimizer(trainable(model), optim)
+        self.optimizer = build_optimizer(param_groups(model, optim), optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, total_steps))
         self.micro = 0
         self.scaler = torch.amp.GradScaler(device.type) if strategy.precision == "fp16" else None
@@ -138,7 +156,7 @@ class DeepSpeedEngine:
         self.ds_config = ds_config
         schedule = lr_lambda(optim, total_steps)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable(model), config=ds_config,
+            model=model, model_parameters=param_groups(model, optim), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.module = self.model.module
 
