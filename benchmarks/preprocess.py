@@ -10,7 +10,8 @@ The same N adult-sized phantom CTs (512x512x200 int16 at 0.7x0.7x2.5 mm, .nii.gz
       writing Parquet shards; run twice on one Ray session: ``cold`` is the first job (worker
       processes start and import), ``warm`` the same job again (what every job after the first,
       or a long job, pays per volume);
-  (c) the floor: only reading and gunzipping the same files, in one process.
+  (c) the floor: only reading and gunzipping the same files, in one process, with zlib (what
+      nibabel, MONAI and Python's gzip use) and with ISA-L's inflate (what radray's reader uses).
 It also times radray's read + preprocess in one process, so a per-volume cost that grows inside Ray
 shows. Printed: volumes/s, wall and CPU seconds per volume, the machine's load average after each
 phase, the ratios, and the peak resident memory of any Ray worker.
@@ -62,13 +63,13 @@ def in_process(paths: list[str], one) -> Timing:
     return Timing(len(paths), time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def floor(paths: list[str]) -> Timing:
+def floor(paths: list[str], inflate=zlib) -> Timing:
     def read_gunzip(p):
         with open(p, "rb") as f:
             raw = f.read()
         # inflated into one buffer of the final size (the gzip trailer's), as radray's reader does with
         # the size from the NIfTI header: the floor must not be slower than what it bounds
-        zlib.decompress(raw, wbits=31, bufsize=int.from_bytes(raw[-4:], "little"))
+        inflate.decompress(raw, wbits=31, bufsize=int.from_bytes(raw[-4:], "little"))
     return in_process(paths, read_gunzip)
 
 
@@ -173,7 +174,10 @@ def main():
     n = len(paths)
     load_start = os.getloadavg()[0]
 
+    from isal import isal_zlib
+
     fl = floor(paths)
+    fl_isal = floor(paths, isal_zlib)
     ours = radray_single_process(paths)
     mon = monai_single_process(paths)
     start_ray()
@@ -183,7 +187,8 @@ def main():
     print(f"\n{n} volumes of 512x512x200 int16 (.nii.gz) -> e3d spec (1, 112, 224, 224); {cores} cores; "
           f"1-minute load average {load_start:.2f} before the first phase")
     print(f"{'pipeline':46s} {'vol/s':>7s} {'s/vol':>7s} {'CPU s/vol':>10s} {'load':>6s}")
-    rows = [("(c) floor: read + gunzip, 1 process", fl), ("(a) MONAI chain, 1 process", mon),
+    rows = [("(c) floor: read + gunzip (zlib), 1 process", fl),
+            ("    floor: read + gunzip (ISA-L), 1 process", fl_isal), ("(a) MONAI chain, 1 process", mon),
             ("    radray read + preprocess, 1 process", ours),
             (f"(b) Ray Data job, {workers} tasks at once, cold", cold),
             (f"(b) Ray Data job, {workers} tasks at once, warm", warm)]
@@ -195,15 +200,16 @@ def main():
           f"after the phase (this benchmark's own processes count: up to {workers + 1} during the Ray job)")
     print(f"\nRay job vs MONAI single process (vol/s ratio): warm {warm.rate / mon.rate:.2f}x, "
           f"cold {cold.rate / mon.rate:.2f}x   (target >= 4x)")
-    print(f"Ray cost per volume per core vs the floor's (target <= 1.6x):\n"
-          f"  wall clock, ({workers} tasks x Ray s/vol) / floor s/vol: warm "
-          f"{fl.rate / (warm.rate / workers):.2f}x, cold {fl.rate / (cold.rate / workers):.2f}x\n"
-          f"  CPU seconds per volume, Ray / floor:                 warm {warm.cpu / fl.cpu:.2f}x, "
-          f"cold {cold.cpu / fl.cpu:.2f}x")
+    for label, f in (("zlib", fl), ("ISA-L", fl_isal)):
+        print(f"Ray cost per volume per core vs the {label} floor's (target <= 1.6x):\n"
+              f"  wall clock, ({workers} tasks x Ray s/vol) / floor s/vol: warm "
+              f"{f.rate / (warm.rate / workers):.2f}x, cold {f.rate / (cold.rate / workers):.2f}x\n"
+              f"  CPU seconds per volume, Ray / floor:                 warm {warm.cpu / f.cpu:.2f}x, "
+              f"cold {cold.cpu / f.cpu:.2f}x")
     print(f"Ray per volume vs radray in 1 process: wall per core warm {(workers / warm.rate) * ours.rate:.2f}x, "
           f"CPU warm {warm.cpu / ours.cpu:.2f}x (Ray's worker processes alone: {warm_worker_cpu / n:.2f} CPU s/vol, "
           f"{warm_worker_cpu / ours.cpu:.2f}x; the rest is the driver and Ray's daemons, which grows with wall time)")
-    starved = [name.strip() for name, t in rows[:3] if t.cpu < 0.9 * t.wall]
+    starved = [name.strip() for name, t in rows[:4] if t.cpu < 0.9 * t.wall]
     if starved or load_start > 0.5:
         print(f"note: other processes used the cores (load {load_start:.2f} before the first phase; under 90 % of a "
               f"core for: {', '.join(starved) or 'none'}). The kernel shares the cores between sessions, so the "

@@ -48,6 +48,19 @@ def test_nifti_int16_with_rescale_round_trips(tmp_path, rescaled):
     assert len(vol.meta["sha256"]) == 64
 
 
+def test_gzip_written_in_several_members_reads_whole(tmp_path):
+    # bgzip and some archivers write a .nii.gz as a chain of gzip members; nibabel reads them all
+    case, hu = _case()
+    p = str(tmp_path / "v.nii")
+    write_nifti(hu, np.array(case.affine), p, rescaled=True)
+    raw = open(p, "rb").read()
+    cut = len(raw) // 3
+    with open(p + ".gz", "wb") as f:
+        f.write(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:2 * cut]) + gzip.compress(raw[2 * cut:]))
+    vol = read_volume(p + ".gz")
+    np.testing.assert_array_equal(vol.array, nib.load(p + ".gz").dataobj.get_unscaled())
+
+
 @pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
 def test_dicom_series_matches_the_nifti_it_came_from(tmp_path, plane):
     case, hu = _case(plane)

