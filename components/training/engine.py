@@ -43,8 +43,9 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters grouped by ``cfg.lr_scale``; the unscaled group comes first so
-    ``param_groups[0]`` reports the base learning rate. Schedulers multiply every group's own lr."""
+    """Trainable parameters grouped by ``cfg.lr_scale``; the unscaled group, when it has parameters,
+    comes first so ``param_groups[0]`` reports the base learning rate. Schedulers multiply every
+    group's own lr."""
     keys = sorted(cfg.lr_scale, key=len, reverse=True)
     groups: dict[float, list[nn.Parameter]] = {1.0: []}
     used = set()
