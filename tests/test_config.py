@@ -71,7 +71,8 @@ def test_preprocess_config_names_bad_spec_fields():
 
     for override, where in [("spec_overrides.size=[1, 2]", "spec_overrides.size"),
                             ("spec_overrides.orientation=LPS", "spec_overrides.orientation"),
-                            ("spec=e4d", "spec:")]:
+                            ("spec=e4d", "spec:"), ("volumes_per_task=0", "volumes_per_task"),
+                            ("compression=brotli", "compression")]:
         with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
             load(PreprocessConfig, Path("ray_jobs/configs/preprocess/quickstart.yaml"), [override])
 

@@ -131,5 +131,8 @@ def test_phantom_preprocesses_to_the_spec(phantom_dir, tmp_path, ray_local):
     batch = next(iter(ds.iter_batches(batch_size=24, batch_format="numpy")))
     assert batch["volume"].shape == (24, 1, 32, 64, 64) and batch["volume"].dtype == np.float32
     assert set(batch["plane"]) == {"axial", "coronal", "sagittal"}
+    shard = next((tmp_path / "pp" / "volumes").glob("*.parquet"))
+    meta = pq.ParquetFile(shard).metadata
+    assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns)} == {"LZ4"}  # the default
     samples = pq.read_table(tmp_path / "pp" / "samples.parquet")
     assert set(samples["volume_id"].to_pylist()) <= set(batch["id"])

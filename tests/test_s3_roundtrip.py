@@ -24,7 +24,8 @@ def test_preprocess_from_s3_to_s3(s3_server, ray_local):
 
     cfg = from_dict(PreprocessConfig, {"dataset": "phantom", "dataset_root": "s3://raw-ct/phantom",
                                        "output": "s3://shards/phantom-qs", "spec": "quickstart",
-                                       "spec_overrides": {"size": [16, 32, 32]}, "storage": s3_server})
+                                       "spec_overrides": {"size": [16, 32, 32]}, "storage": s3_server,
+                                       "compression": "zstd"})
     summary = run(cfg)
     v = summary["volumes"]
     assert v["in"] == 8 and v["in"] == v["out"] + v["quarantined"] and v["out"] == 7
@@ -38,6 +39,10 @@ def test_preprocess_from_s3_to_s3(s3_server, ray_local):
     assert len(rows) == v["out"]
     assert all(r["volume"].shape == (1, 16, 32, 32) and r["volume"].dtype == np.float32 for r in rows)
     assert all(r["source_uri"].startswith("s3://raw-ct/phantom/volumes/") for r in rows)
+    shard = next(p for p in fs.ls("shards/phantom-qs/volumes") if p.endswith(".parquet"))
+    with fs.open(shard, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns)} == {"ZSTD"}
     with fs.open("shards/phantom-qs/quarantine.parquet", "rb") as f:
         q = pq.read_table(f).to_pylist()
     assert len([r for r in q if r["stage"] in ("read", "preprocess")]) == v["quarantined"]
