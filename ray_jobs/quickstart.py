@@ -63,6 +63,28 @@ class QuickstartConfig:
     results: str = "results/quickstart"
     """Where evaluations, tables, plots and the learning proof go."""
 
+    def __post_init__(self):
+        # every stage's recipe and overrides are checked here, not when the stage starts minutes in
+        from components.config import ConfigError
+
+        for name, job_class in _stage_configs().items():
+            ref = getattr(self, name)
+            if ref is not None:
+                try:
+                    load(job_class, ref.recipe, ref.overrides)
+                except ConfigError as e:
+                    raise ConfigError(f"{name}: {e}") from None
+
+
+def _stage_configs() -> dict[str, type]:
+    from ray_jobs.evaluate import EvaluateConfig
+    from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
+    from ray_jobs.train_tokenizer import TokenizerJobConfig
+    from ray_jobs.train_vlm import VLMJobConfig
+
+    return {"tokenizer": TokenizerJobConfig, "pretrain": ContrastiveJobConfig, "align": VLMJobConfig,
+            "finetune": VLMJobConfig, "evaluate": EvaluateConfig}
+
 
 def _preprocess_once(cfg: QuickstartConfig, phantom: dict) -> dict:
     """Preprocess, reusing shards made from this very phantom (preprocessing resumes by volume id,

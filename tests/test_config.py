@@ -77,6 +77,17 @@ def test_preprocess_config_names_bad_spec_fields():
             load(PreprocessConfig, Path("ray_jobs/configs/preprocess/quickstart.yaml"), [override])
 
 
+def test_quickstart_checks_every_stage_recipe_at_load():
+    from ray_jobs.quickstart import QuickstartConfig
+
+    # a bad override of a late stage fails before the phantom is made, naming the stage and the field
+    for override, where in [('finetune.overrides=["optim.lr=fast"]', "finetune: .*optim.lr"),
+                            ('evaluate.overrides=["tasks=[vqa_sideways]"]', r"evaluate: .*tasks\[0\]"),
+                            ("align.recipe=nope.yaml", "align: config file not found")]:
+        with pytest.raises(ConfigError, match=where):
+            load(QuickstartConfig, Path("ray_jobs/configs/quickstart.yaml"), [override])
+
+
 SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("ray_jobs/configs/**/*.yaml"))
 
 
