@@ -71,6 +71,18 @@ def test_run_folder_in_object_storage_loads_through_the_vlm_stage(run, s3_server
     # the saved model config keeps naming the run, not a downloaded copy
     assert model.config.encoder_3d.checkpoint == "s3://pretrain-runs/e3d-mae"
 
+    # run.init_from and evaluation download a remote checkpoint's model/ part for as long as they need it
+    import os
+
+    from components.training.loop import local_checkpoint
+
+    with local_checkpoint("s3://pretrain-runs/e3d-mae", s3_server) as local:
+        assert os.path.isfile(os.path.join(local, "model", "encoder.safetensors"))
+    assert not os.path.exists(local)
+    with local_checkpoint(str(folder)) as local:
+        assert local.endswith("checkpoint_000001")
+    assert os.path.isdir(local)  # a local checkpoint is used where it is, never removed
+
 
 def test_folder_without_a_checkpoint_names_what_it_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"encoder checkpoint: no checkpoint \(model/ folder or checkpoint_\*\)"):

@@ -1,8 +1,9 @@
 """Batched generation for evaluation: sample records + volumes -> prediction text (+ TG-IS slice scores)."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,22 +17,26 @@ __all__ = ["model_folder", "load_model", "generation_kwargs", "predict", "model_
 SERVING_OVERRIDES = ("tune.llm=frozen",)
 
 
-def model_folder(path: str | os.PathLike, storage: dict | None = None, marker: str = "config.yaml") -> str:
+@contextlib.contextmanager
+def model_folder(path: str | os.PathLike, storage: dict | None = None, marker: str = "config.yaml") -> Iterator[str]:
     """A local model folder from a model folder (holding ``marker``), a checkpoint (with ``model/``) or a
-    run folder (its newest ``checkpoint_*``), local or s3:// (a remote one is downloaded)."""
+    run folder (its newest ``checkpoint_*``), local or s3:// (a remote one is downloaded to a temporary
+    folder that is removed on exit: load the model inside the ``with`` block)."""
     from components.data.storage import exists, is_remote, join
-    from components.training.loop import resolve_checkpoint
+    from components.training.loop import local_checkpoint
 
     path = str(path)
     if exists(join(path, marker), storage):
         if not is_remote(path):
-            return path
-        # resolve_checkpoint downloads a checkpoint's model/ part; a bare model folder is its parent's
+            yield path
+            return
+        # local_checkpoint downloads a checkpoint's model/ part; a bare model folder is its parent's
         parent, name = path.rstrip("/").rsplit("/", 1)
         if name != "model":
             raise ValueError(f"{path}: a remote model folder must be a checkpoint's model/ folder")
         path = parent
-    return os.path.join(resolve_checkpoint(path, storage), "model")
+    with local_checkpoint(path, storage) as local:
+        yield os.path.join(local, "model")
 
 
 def load_model(path: str | os.PathLike, storage: dict | None = None, device: str = "cpu"):
@@ -39,7 +44,8 @@ def load_model(path: str | os.PathLike, storage: dict | None = None, device: str
     folder (its newest ``checkpoint_*``), local or s3://."""
     from components.models.vlm import VolumeVLM
 
-    return _ready(VolumeVLM.from_pretrained(model_folder(path, storage), list(SERVING_OVERRIDES)), device)
+    with model_folder(path, storage) as folder:
+        return _ready(VolumeVLM.from_pretrained(folder, list(SERVING_OVERRIDES)), device)
 
 
 def _ready(model, device: str):

@@ -46,7 +46,8 @@ class PairEmbedder:
     def __init__(self, checkpoint: str, storage: dict | None = None, device: str = "cpu", batch_size: int = 8):
         from components.training.stages import CONTRASTIVE_SETTINGS, ContrastiveStage
 
-        stage, model = ContrastiveStage.from_export(model_folder(checkpoint, storage, marker=CONTRASTIVE_SETTINGS))
+        with model_folder(checkpoint, storage, marker=CONTRASTIVE_SETTINGS) as folder:
+            stage, model = ContrastiveStage.from_export(folder)
         self.model = model.to(device).eval()
         self.tokenizer, self.max_text_tokens = stage.tokenizer, stage.max_len
         self.device, self.batch_size = device, batch_size

@@ -81,19 +81,22 @@ def find_checkpoint(path: str, storage: dict | None = None, field: str | None = 
     return fs, f"{root.rstrip('/')}/{ckpts[-1]}"
 
 
-def resolve_checkpoint(path: str | None, storage: dict | None = None, field: str | None = None) -> str | None:
-    """A local checkpoint folder from a checkpoint or run folder (its newest ``checkpoint_*``),
-    local or in object storage (then its ``model/`` part is downloaded to a temporary folder)."""
+@contextlib.contextmanager
+def local_checkpoint(path: str | None, storage: dict | None = None, field: str | None = None) -> Iterator[str | None]:
+    """A local checkpoint folder from a checkpoint or run folder (its newest ``checkpoint_*``), local
+    or in object storage (then its ``model/`` part is downloaded to a temporary folder, removed on exit)."""
     from components.data.storage import is_remote
 
     if not path:
-        return None
+        yield None
+        return
     fs, root = find_checkpoint(path, storage, field)
     if not is_remote(path):
-        return root
-    local = tempfile.mkdtemp(prefix="radray-init-")
-    fs.get(f"{root}/model/", os.path.join(local, "model"), recursive=True)
-    return local
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix="radray-init-") as local:
+        fs.get(f"{root}/model/", os.path.join(local, "model"), recursive=True)
+        yield local
 
 
 def seed_everything(seed: int) -> None:
@@ -116,7 +119,8 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
     """Run ``stage`` until ``total_steps`` optimizer steps; returns the last reported metrics."""
     rank, world = session.world_rank, session.world_size
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model = stage.build_model(resolve_checkpoint(cfg.run.init_from, to_dict(cfg.storage), "run.init_from"))
+    with local_checkpoint(cfg.run.init_from, to_dict(cfg.storage), "run.init_from") as init:
+        model = stage.build_model(init)
     engine = build_engine(model, cfg.optim, cfg.strategy, total_steps, session.device, world, cfg.data.batch_size)
     state = TrainerState()
     with session.latest_checkpoint() as ckpt:
