@@ -24,7 +24,7 @@ from components.config import parse_cli, to_dict
 from components.data.adapters.base import get_adapter, load_card
 from components.data.io import MAX_VOXEL_BYTES
 from components.data.preprocess import get_spec
-from components.data.storage import StorageConfig, join, open_fs, pyarrow_fs, write_bytes
+from components.data.storage import StorageConfig, exists, join, open_fs, pyarrow_fs, read_bytes, write_bytes
 from ray_jobs.common import RayConfig, init_ray
 
 
@@ -101,6 +101,26 @@ def preprocess_batch(batch: dict, spec, storage, quarantine_dir, max_bytes) -> d
     return out
 
 
+def spec_conflict(cfg: PreprocessConfig, storage: dict) -> str | None:
+    """Why ``cfg.output`` can't be resumed with ``cfg``'s spec (its shards were made with another one,
+    and mixing tensor shapes breaks every reader), or None."""
+    uri = join(cfg.output, "summary.json")
+    if not exists(uri, storage):
+        return None
+    before = json.loads(read_bytes(uri, storage))["spec"]
+    now = json.loads(json.dumps(_spec_dict(get_spec({"base": cfg.spec, **cfg.spec_overrides}))))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if not changed:
+        return None
+    return (f"{cfg.output} holds shards made with another spec ({', '.join(changed)}: "
+            f"{[before.get(k) for k in changed]} then, {[now.get(k) for k in changed]} now); "
+            "write to another output")
+
+
+def _spec_dict(spec) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
+
+
 def _done_ids(cfg: PreprocessConfig, storage: dict) -> tuple[set, set]:
     """Ids already written as shards and ids already quarantined (for resuming)."""
     import pyarrow.dataset as pads
@@ -153,6 +173,9 @@ def run(cfg: PreprocessConfig) -> dict:
     items = adapter.volumes()
     if cfg.limit is not None:
         items = items[: cfg.limit]
+    conflict = spec_conflict(cfg, storage)
+    if conflict:
+        raise ValueError(conflict)
     written, quarantined = _done_ids(cfg, storage)
     todo = [i for i in items if i.id not in written and i.id not in quarantined]
     print(f"[preprocess] {card.name}: {len(items)} volumes, {len(items) - len(todo)} already done, "
@@ -200,7 +223,7 @@ def run(cfg: PreprocessConfig) -> dict:
             for s in samples if s["volume_id"] not in out_ids]
     _write_table(kept, join(cfg.output, "samples.parquet"), storage)
     _write_table(q_records + text_bad + lost, join(cfg.output, "quarantine.parquet"), storage, csv=True)
-    spec_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
+    spec_dict = _spec_dict(spec)
     summary = {
         "dataset": card.name, "spec": spec_dict, "output": cfg.output,
         "volumes": {"in": len(items), "out": len(out_ids), "quarantined": len(q_ids),

@@ -17,10 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from components.config import load
+from components.config import load, to_dict
 from ray_jobs.make_phantom import MakePhantomConfig
 from ray_jobs.make_phantom import run as make_phantom
-from ray_jobs.preprocess import PreprocessConfig
+from ray_jobs.preprocess import PreprocessConfig, spec_conflict
 from ray_jobs.preprocess import run as preprocess
 
 DEFAULT_CONFIG = "ray_jobs/configs/quickstart.yaml"
@@ -87,12 +87,13 @@ def _stage_configs() -> dict[str, type]:
 
 
 def _preprocess_once(cfg: QuickstartConfig, phantom: dict) -> dict:
-    """Preprocess, reusing shards made from this very phantom (preprocessing resumes by volume id,
-    so shards of a phantom made with other settings are cleared first)."""
+    """Preprocess, reusing shards made from this very phantom with this spec (preprocessing resumes by
+    volume id, so shards of a phantom made with other settings or another spec are cleared first)."""
     stamp = os.path.join(cfg.preprocess.output, "phantom.json")
     made_from = json.dumps(phantom["config"], sort_keys=True)
     if os.path.isdir(cfg.preprocess.output):
-        same = os.path.exists(stamp) and open(stamp, encoding="utf-8").read() == made_from
+        same = (os.path.exists(stamp) and open(stamp, encoding="utf-8").read() == made_from
+                and spec_conflict(cfg.preprocess, to_dict(cfg.preprocess.storage)) is None)
         if not same:
             shutil.rmtree(cfg.preprocess.output)
     summary = preprocess(cfg.preprocess)

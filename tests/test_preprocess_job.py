@@ -7,6 +7,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from components.config import from_dict
 from components.data.phantom import PhantomConfig, render_case, sample_case, write_dicom_series, write_nifti
@@ -136,3 +137,8 @@ def test_phantom_preprocesses_to_the_spec(phantom_dir, tmp_path, ray_local):
     assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns)} == {"LZ4"}  # the default
     samples = pq.read_table(tmp_path / "pp" / "samples.parquet")
     assert set(samples["volume_id"].to_pylist()) <= set(batch["id"])
+    # resuming into these shards with another spec would mix shapes: refused before any work, naming why
+    other = from_dict(PreprocessConfig, {"dataset": "phantom", "dataset_root": phantom_dir, "output": str(tmp_path / "pp"),
+                                         "spec": "quickstart", "spec_overrides": {"size": [16, 32, 32]}})
+    with pytest.raises(ValueError, match=r"another spec \(size: \[\[32, 64, 64\]\] then, \[\[16, 32, 32\]\] now\)"):
+        run(other)
