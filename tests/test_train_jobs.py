@@ -65,11 +65,13 @@ def test_mae_deepspeed_zero3(train_shards, tmp_path, ray_local):
 @pytest.mark.parametrize("strategy", [["strategy.name=ddp"], ["strategy.name=deepspeed", "strategy.zero_stage=2"]],
                          ids=["ddp", "zero2"])
 def test_siglip_pretraining_learns(strategy, train_shards, tmp_path, ray_local):
+    # A contrastive loss depends on which pairs share a batch, so one training batch's loss swings by a
+    # factor of 2-4 from step to step; the loss on the same fixed training batches is what must fall.
     _fit("pretrain_contrastive", "ContrastiveJobConfig", "siglip.yaml", [
         f"data.path={train_shards}", f"run.storage_path={tmp_path}", "run.name=siglip", "run.max_steps=8",
-        *strategy, *FAST])
-    falls, losses = _falls(_history(tmp_path / "siglip"))
-    assert falls, losses
+        "run.val_every_n_steps=2", "data.val_split=train", "data.val_batches=2", *strategy, *FAST])
+    val = [h["val_loss"] for h in _history(tmp_path / "siglip") if "val_loss" in h]
+    assert len(val) == 4 and val[-1] < val[0], val
 
 
 def _export_matches_training(summary) -> dict:
