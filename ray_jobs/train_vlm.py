@@ -50,6 +50,9 @@ class VLMJobConfig(TrainingSections):
                 raise ConfigError(f"model_preset: {e}") from None
         if self.model is None:
             raise ValueError("model: a VLM recipe needs a model section or a model_preset")
+        if self.model.frozen_feature_cache_mb and self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3:
+            raise ValueError("model.frozen_feature_cache_mb: ZeRO-3 partitions the frozen encoders, which must then "
+                             "run on every rank at each step; set it to 0 or use zero_stage 2")
         tune = self.model.tune
         if self.stage == "align" and (tune.llm != "frozen" or tune.encoder_3d != "frozen"):
             raise ValueError("stage: 'align' trains the perceiver only; set model.tune.llm and "

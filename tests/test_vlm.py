@@ -314,3 +314,70 @@ def test_answer_only_lm_head_gives_the_full_sequence_loss(tokenizers):
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert out.logits.shape[1] < full.shape[1]  # the prompt and image positions skipped the LM head
     assert torch.allclose(out.logits, full[:, -out.logits.shape[1]:], atol=1e-5)
+
+
+def test_frozen_feature_cache_gives_the_same_training_steps_and_skips_seen_volumes(tokenizers):
+    cfg = med2e3_config(tokenizers["chat"])
+    cfg["tune"].update(encoder_3d="frozen", encoder_2d="frozen")
+    models = []
+    for cache_mb in (0, 64):
+        torch.manual_seed(0)
+        models.append(build_vlm({**cfg, "frozen_feature_cache_mb": cache_mb}).train())
+    plain, cached = models
+    volumes = torch.rand(3, 1, 1, 32, 64, 64)
+    batch = batch_for(plain, PAIRS)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    for step in range(4):  # volumes 0, 1, 2, 0 in pairs: the last step is all hits
+        pair = torch.cat([volumes[step % 3], volumes[(step + 1) % 3]])
+        losses = []
+        for model, opt in zip(models, opts):
+            out = forward(model, pair, batch)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            losses.append(out.loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for name in ("encoder_3d", "encoder_2d"):
+        cache = cached.feature_caches[name]
+        assert (cache.misses, cache.hits) == (3, 5) and len(cache.entries) == 3
+    assert not plain.feature_caches
+
+    # a changed volume is a miss, never a stale hit
+    shifted = volumes[0] + 0.01
+    with torch.no_grad():
+        assert torch.equal(cached.encoder_3d(shifted).tokens, cached._encode("encoder_3d", shifted).tokens)
+    assert cached.feature_caches["encoder_3d"].misses == 4
+
+    # only frozen encoders are cached; a LoRA-tuned one trains and must run every step
+    lora = build_vlm({**med2e3_config(tokenizers["chat"]), "frozen_feature_cache_mb": 64}).train()
+    forward(lora, volumes[0], batch_for(lora, [PAIRS[0]]))
+    assert set(lora.feature_caches) == {"encoder_2d"}
+
+
+def test_feature_cache_keeps_to_its_budget():
+    from components.models.feature_cache import FrozenFeatureCache
+
+    cache = FrozenFeatureCache(max_mb=3 * 4096 / 1024**2)  # room for three 4 KiB entries
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return x.repeat(1, 1024)  # (B, 1) -> (B, 1024) float32 = 4 KiB each
+
+    for i in range(5):
+        cache(encode, torch.full((1, 1), float(i)))
+    assert len(cache.entries) == 3 and cache.bytes == 3 * 4096
+    out = cache(encode, torch.tensor([[4.0], [0.0]]))  # 4 still held, 0 evicted first
+    assert calls[-1] == 1 and torch.equal(out[:, 0], torch.tensor([4.0, 0.0]))
+    with pytest.raises(ValueError, match="positive budget"):
+        FrozenFeatureCache(0)
+
+
+def test_feature_cache_is_refused_with_zero3_at_load():
+    from ray_jobs.train_vlm import VLMJobConfig
+
+    recipe = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "quickstart" / "finetune.yaml"
+    with pytest.raises(ConfigError, match="model.frozen_feature_cache_mb: ZeRO-3"):
+        load(VLMJobConfig, recipe, ["model.frozen_feature_cache_mb=64", "strategy.name=deepspeed",
+                                    "strategy.zero_stage=3"])
+    load(VLMJobConfig, recipe, ["model.frozen_feature_cache_mb=64", "strategy.name=deepspeed"])

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from components.config import dump, load
 from components.models.config import LoraSpec, VLMConfig
+from components.models.feature_cache import FrozenFeatureCache
 from components.models.text import IGNORE_INDEX, build_example, collate
 
 __all__ = ["VolumeVLM", "VolumeVLMOutput", "apply_tune_mode", "lora_config"]
@@ -175,6 +176,7 @@ class VolumeVLM(nn.Module):
             _mean_init_new_rows(llm, rows)
         self.llm = llm
         self.num_image_tokens: int = perceiver.num_tokens
+        self.feature_caches: dict[str, FrozenFeatureCache] = {}
         if fusion is not None:
             self.num_image_tokens = fusion.out_tokens(perceiver.num_tokens, encoder_2d.num_tokens)
         if apply_tuning:
@@ -225,11 +227,11 @@ class VolumeVLM(nn.Module):
                       question_ids: torch.Tensor | None = None,
                       question_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image embeddings ``(B, M, D)`` for the LLM and the TG-IS slice scores ``(B, N)`` (or None)."""
-        enc = self.encoder_3d(volume)
+        enc = self._encode("encoder_3d", volume)
         tokens = self.perceiver(enc)
         if self.fusion is None:
             return tokens, None
-        feats_2d = self.encoder_2d(volume if volume_2d is None else volume_2d)
+        feats_2d = self._encode("encoder_2d", volume if volume_2d is None else volume_2d)
         text = None
         if getattr(self.fusion, "needs_text", False):
             if question_ids is None:
@@ -237,6 +239,18 @@ class VolumeVLM(nn.Module):
             text = self.llm.get_input_embeddings()(question_ids)
         out = self.fusion(tokens, self.perceiver.out_grid(enc.grid), feats_2d, text, question_attention_mask)
         return out.tokens, out.scores
+
+    def load_state_dict(self, *args, **kwargs):
+        self.feature_caches.clear()  # features of the old weights
+        return super().load_state_dict(*args, **kwargs)
+
+    def _encode(self, name: str, x: torch.Tensor):
+        encoder = getattr(self, name)
+        if self.config.frozen_feature_cache_mb <= 0 or self.tune_mode(name) != "frozen":
+            return encoder(x)
+        if name not in self.feature_caches:
+            self.feature_caches[name] = FrozenFeatureCache(self.config.frozen_feature_cache_mb)
+        return self.feature_caches[name](encoder, x)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image placeholder positions replaced by ``image_embeds``."""
