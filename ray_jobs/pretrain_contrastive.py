@@ -1,9 +1,11 @@
-"""Med3DVLM stage 0: SigLIP (or CLIP) contrastive pretraining of a 3D encoder against report text.
+"""Med3DVLM stage 0: SigLIP (or CLIP) contrastive pretraining of a 3D encoder against report text; with
+``encoder.name: slice2d``, of Med-2E3's per-slice 2D encoder (attention-pooled over slices).
 
     python -m ray_jobs.pretrain_contrastive --config ray_jobs/configs/med3dvlm/siglip.yaml [key.sub=value ...]
 
 The image-encoder export is ``<checkpoint>/model/encoder.safetensors``; a VLM recipe's
-``model.encoder_3d.checkpoint`` may name it, its checkpoint, or the run folder (the newest checkpoint's).
+``model.encoder_3d.checkpoint`` (or ``model.encoder_2d.checkpoint`` for a per-slice encoder) may name
+it, its checkpoint, or the run folder (the newest checkpoint's).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ class ContrastiveJobConfig(TrainingSections):
     """Contrastive pretraining: image encoder, text tower and loss, plus the shared sections."""
 
     encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(name="dcformer", preset="dcformer_small"))
-    """The 3D image encoder to pretrain."""
+    """The image encoder to pretrain: a 3D encoder, or ``slice2d`` (Med-2E3's per-slice encoder, for
+    which no pretrained medical weights may be at hand)."""
     model: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     """Text tower, shared width and loss."""
     max_text_tokens: int = 128

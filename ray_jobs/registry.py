@@ -26,7 +26,7 @@ def config_class_for(path: str | Path):
     if name == "mae":
         from ray_jobs.pretrain_mae import MAEJobConfig
         return MAEJobConfig
-    if name == "siglip":
+    if name.startswith("siglip"):  # siglip_2d: the per-slice encoder
         from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
         return ContrastiveJobConfig
     if name in ("align", "finetune"):

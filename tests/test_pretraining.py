@@ -17,8 +17,8 @@ from torch.nn import functional as F
 from components.models.encoders.dcformer import DCFormerConfig, build_dcformer
 from components.models.encoders.vit3d import PRESETS as VIT_PRESETS
 from components.models.encoders.vit3d import ViT3D, ViT3DConfig, patchify
-from components.models.pretraining.contrastive import (ContrastiveModel, build_contrastive, clip_loss,
-                                                       default_text_encoder_path, siglip_loss)
+from components.models.pretraining.contrastive import (ContrastiveConfig, ContrastiveModel, build_contrastive,
+                                                       clip_loss, default_text_encoder_path, siglip_loss)
 from components.models.pretraining.mae import MAE3D, build_mae, masked_reconstruction_loss, random_masking
 
 SMALL_VIT = ViT3DConfig(volume_size=(16, 32, 32), patch_size=(4, 8, 8), width=48, depth=2, heads=4)
@@ -309,3 +309,36 @@ def test_locked_text_tower_trains_only_its_projection_and_encodes_each_report_on
         expected = F.normalize(model.text_proj(direct), dim=-1)
     assert torch.allclose(out["text_embeds"], expected, atol=1e-5)
     assert torch.allclose(again[0], expected[0], atol=1e-5)
+
+
+def test_slice_encoder_pretrains_through_attention_pooling_and_exports_for_tgis(minilm, tmp_path):
+    """Med-2E3's per-slice encoder against reports: slices are pooled by learnt weights, every part
+    trains, and the export loads as a VLM's ``encoder_2d`` checkpoint with the same tensors."""
+    from components.models.builders import build_encoder
+    from components.models.config import EncoderSpec
+    from components.models.pretraining.contrastive import SliceAttentionPool
+    from components.training.stages import ContrastiveStage
+
+    _, tokenizer = minilm
+    spec = EncoderSpec(name="slice2d", preset="tiny_siglip")
+    head = ContrastiveConfig(embed_dim=16, loss="clip", text_tune="frozen")
+    stage = ContrastiveStage(head, spec)
+    torch.manual_seed(0)
+    model = stage.build_model(None).train()
+    assert isinstance(model.slice_pool, SliceAttentionPool)
+    volume = torch.rand(2, 1, 6, 32, 32)
+    features = model.image_encoder(volume)
+    pooled, weights = model.slice_pool(features, return_weights=True)
+    assert features.shape[:2] == (2, 6) and pooled.shape == (2, features.shape[-1])
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2))
+    batch = tokenizer(REPORTS, padding=True, return_tensors="pt")
+    model(volume, batch["input_ids"], batch["attention_mask"])["loss"].backward()
+    assert_every_parameter_has_grad(model)
+
+    stage.save_model(model, {k: v.detach() for k, v in model.state_dict().items()}, str(tmp_path / "model"))
+    loaded = build_encoder(dataclasses.replace(spec, checkpoint=str(tmp_path)))
+    want = model.image_encoder.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(loaded.state_dict()[k], want[k]) for k in want)
+    # a 3D encoder's contrastive model has no slice pool, so its checkpoints keep their parameter names
+    assert not hasattr(build_contrastive({"embed_dim": 8, "loss": "clip"}, ViT3D(SMALL_VIT)), "slice_pool")

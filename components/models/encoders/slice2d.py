@@ -55,6 +55,9 @@ PRESETS: dict[str, Slice2DConfig] = {
 class Slice2DEncoder(nn.Module):
     """(B, 1, N, H, W) volume -> (B, N, L, D) features, one SigLIP forward per slice."""
 
+    per_slice = True
+    """Its output keeps a slice axis (contrastive pretraining pools over it)."""
+
     def __init__(self, cfg: Slice2DConfig):
         super().__init__()
         # Deferred so that 3D-only models never import transformers' vision stack.

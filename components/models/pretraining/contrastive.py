@@ -1,4 +1,5 @@
-"""Image-text contrastive pretraining (Med3DVLM stage 1): a 3D image encoder against a Hugging Face text encoder.
+"""Image-text contrastive pretraining (Med3DVLM stage 1): a 3D image encoder, or Med-2E3's per-slice 2D
+encoder, against a Hugging Face text encoder.
 
 Image features are mean-pooled tokens, text features the [CLS] token; both are projected to a shared
 width and L2-normalised. Two objectives:
@@ -25,8 +26,8 @@ from torch.nn import functional as F
 
 from components.config import from_dict
 
-__all__ = ["ContrastiveConfig", "ContrastiveModel", "build_contrastive", "clip_loss", "siglip_loss",
-           "gather_with_grad", "load_text_encoder", "default_text_encoder_path"]
+__all__ = ["ContrastiveConfig", "ContrastiveModel", "SliceAttentionPool", "build_contrastive", "clip_loss",
+           "siglip_loss", "gather_with_grad", "load_text_encoder", "default_text_encoder_path"]
 
 
 @dataclass
@@ -123,8 +124,28 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     return loss, logits_per_image
 
 
+class SliceAttentionPool(nn.Module):
+    """(B, N, L, D) per-slice features -> (B, D): tokens through an MLP, averaged per slice, slices
+    weighted by a learnt softmax score (attention-based multiple-instance pooling). A report describes
+    the volume, a lesion lies in a few slices: the weights let the loss single those slices out, which
+    teaches the per-slice encoder to tell them apart (Med-2E3's TG-IS needs exactly that of it)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, features: torch.Tensor, return_weights: bool = False):
+        per_slice = self.token_mlp(features).mean(dim=2)                      # (B, N, D)
+        weights = torch.softmax(self.score(per_slice).squeeze(-1), dim=1)    # (B, N)
+        pooled = torch.einsum("bn,bnd->bd", weights, per_slice)
+        return (pooled, weights) if return_weights else pooled
+
+
 class ContrastiveModel(nn.Module):
-    """Image encoder + text encoder + linear projections + CLIP or SigLIP loss."""
+    """Image encoder + text encoder + linear projections + CLIP or SigLIP loss. A per-slice 2D encoder
+    (its output is ``(B, N, L, D)``) is pooled over slices by :class:`SliceAttentionPool`; a 3D encoder's
+    final tokens are averaged."""
 
     def __init__(self, image_encoder: nn.Module, text_encoder_path_or_config: str | dict | Any | nn.Module | None,
                  embed_dim: int = 768, loss: Literal["siglip", "clip"] = "siglip",
@@ -135,6 +156,9 @@ class ContrastiveModel(nn.Module):
             raise ValueError(f"loss must be 'siglip' or 'clip', got {loss!r}")
         self.loss_type = loss
         self.image_encoder = image_encoder
+        # only per-slice encoders get a pool: 3D checkpoints keep their parameter names
+        if getattr(image_encoder, "per_slice", False):
+            self.slice_pool = SliceAttentionPool(image_encoder.out_dim)
         self.text_encoder = load_text_encoder(text_encoder_path_or_config)
         self.text_frozen = text_tune == "frozen"
         self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}
@@ -152,9 +176,12 @@ class ContrastiveModel(nn.Module):
             self.register_parameter("logit_bias", None)
 
     def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) -> (B, embed_dim), L2-normalised mean of the encoder's final tokens."""
-        tokens = self.image_encoder(volume).tokens
-        return F.normalize(self.image_proj(tokens.mean(dim=1)), dim=-1)
+        """(B, 1, D, H, W) -> (B, embed_dim), L2-normalised projection of the pooled image features."""
+        if hasattr(self, "slice_pool"):
+            pooled = self.slice_pool(self.image_encoder(volume))
+        else:
+            pooled = self.image_encoder(volume).tokens.mean(dim=1)
+        return F.normalize(self.image_proj(pooled), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids -> (B, embed_dim), L2-normalised projection of the [CLS] hidden state."""
