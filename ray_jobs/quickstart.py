@@ -1,6 +1,6 @@
 """The quickstart: phantom CT dataset -> Ray Data preprocessing -> tokenizer refitted to the training
-text -> contrastive encoder pretraining -> align -> finetune -> evaluation through Ray Serve ->
-paper-style tables and the learning proof, on a local Ray cluster.
+text -> contrastive pretraining of the 3D and the per-slice encoder -> align -> finetune -> evaluation
+through Ray Serve -> paper-style tables and the learning proof, on a local Ray cluster.
 
     python -m ray_jobs.quickstart [--config ray_jobs/configs/quickstart.yaml] [key.sub=value ...]
 
@@ -50,6 +50,9 @@ class QuickstartConfig:
     pretrain: RecipeRef | None = None
     """Contrastive pretraining of the 3D encoder (a ``ray_jobs.pretrain_contrastive`` recipe); the VLM
     stages start from its encoder and the evaluation reports its image-text retrieval."""
+    pretrain_2d: RecipeRef | None = None
+    """Contrastive pretraining of the per-slice 2D encoder (a ``ray_jobs.pretrain_contrastive`` recipe with
+    ``encoder.name: slice2d``); the VLM stages load it as their ``model.encoder_2d``."""
     align: RecipeRef | None = None
     """Stage-1 tuning (perceiver only); its data.path is the preprocess output."""
     finetune: RecipeRef | None = None
@@ -82,8 +85,8 @@ def _stage_configs() -> dict[str, type]:
     from ray_jobs.train_tokenizer import TokenizerJobConfig
     from ray_jobs.train_vlm import VLMJobConfig
 
-    return {"tokenizer": TokenizerJobConfig, "pretrain": ContrastiveJobConfig, "align": VLMJobConfig,
-            "finetune": VLMJobConfig, "evaluate": EvaluateConfig}
+    return {"tokenizer": TokenizerJobConfig, "pretrain": ContrastiveJobConfig, "pretrain_2d": ContrastiveJobConfig,
+            "align": VLMJobConfig, "finetune": VLMJobConfig, "evaluate": EvaluateConfig}
 
 
 def _preprocess_once(cfg: QuickstartConfig, phantom: dict) -> dict:
@@ -113,10 +116,10 @@ def _train(ref: RecipeRef, cfg: QuickstartConfig, extra: list[str], job_class=No
     return fit(job, f"{job_class.__module__}.{job_class.__qualname__}")
 
 
-def _pretrain(cfg: QuickstartConfig) -> dict:
+def _pretrain(ref: RecipeRef, cfg: QuickstartConfig) -> dict:
     from ray_jobs.pretrain_contrastive import ContrastiveJobConfig
 
-    return _train(cfg.pretrain, cfg, [], ContrastiveJobConfig)
+    return _train(ref, cfg, [], ContrastiveJobConfig)
 
 
 def _tokenizer(cfg: QuickstartConfig) -> dict:
@@ -193,8 +196,8 @@ def _tables(cfg: QuickstartConfig, evals: list[dict]) -> str:
 def run(cfg: QuickstartConfig) -> dict:
     t0 = time.time()
     trains = (cfg.align is not None) + (cfg.finetune is not None)
-    n = 2 + (cfg.tokenizer is not None) + (cfg.pretrain is not None) + trains * (2 if cfg.blind else 1) + \
-        (cfg.evaluate is not None) * (2 if cfg.blind else 1)
+    optional = (cfg.tokenizer, cfg.pretrain, cfg.pretrain_2d)
+    n = 2 + sum(x is not None for x in optional) + (trains + (cfg.evaluate is not None)) * (2 if cfg.blind else 1)
     counter = iter(range(1, n + 1))
 
     def say(i, text):
@@ -212,15 +215,19 @@ def run(cfg: QuickstartConfig) -> dict:
         shared.append(f"model.llm.tokenizer={_tokenizer(cfg)['output']}")
     if cfg.pretrain is not None:
         say(next(counter), "pretrain the 3D encoder against the reports (contrastive)")
-        pretrained = {"pretrain": _pretrain(cfg)}
+        pretrained = {"pretrain": _pretrain(cfg.pretrain, cfg)}
         # a pretraining checkpoint names its encoder export (see EncoderSpec.checkpoint)
         shared.append(f"model.encoder_3d.checkpoint={pretrained['pretrain']['checkpoint']}")
+    if cfg.pretrain_2d is not None:
+        say(next(counter), "pretrain the per-slice 2D encoder against the reports (contrastive)")
+        pretrained["pretrain_2d"] = _pretrain(cfg.pretrain_2d, cfg)
+        shared.append(f"model.encoder_2d.checkpoint={pretrained['pretrain_2d']['checkpoint']}")
     trained = _train_twin(cfg, "", shared, lambda: next(counter), say)
     twin = _train_twin(cfg, "-blind", ["data.images=zeros", *shared], lambda: next(counter), say) if cfg.blind else {}
     evals = {}
     if cfg.evaluate is not None and "finetune" in trained:
         say(next(counter), "evaluate the model on the test split through Ray Serve")
-        retrieval = [f"retrieval.model={pretrained['pretrain']['checkpoint']}"] if pretrained else []
+        retrieval = [f"retrieval.model={pretrained['pretrain']['checkpoint']}"] if "pretrain" in pretrained else []
         evals["trained"] = _evaluate(cfg, trained["finetune"]["checkpoint"], "real", "trained", retrieval)
         if twin:
             say(next(counter), "evaluate the blind twin (zeros for images) through Ray Serve")
@@ -230,8 +237,8 @@ def run(cfg: QuickstartConfig) -> dict:
     tables = _tables(cfg, list(evals.values())) if evals else None
     proof = prove(cfg, evals["trained"], evals["blind"]) if "blind" in evals else None
     report(cfg, summary, {**pretrained, **trained}, twin, evals, tables, proof, time.time() - t0)
-    return {"preprocess": summary, **pretrained, **trained, **{f"{k}-blind": v for k, v in twin.items()}, "evaluations": evals,
-            "tables": tables, "proof": proof}
+    return {"preprocess": summary, **pretrained, **trained, **{f"{k}-blind": v for k, v in twin.items()},
+            "evaluations": evals, "tables": tables, "proof": proof}
 
 
 def report(cfg, summary, trained, twin, evals, tables, proof, seconds) -> None:
