@@ -103,11 +103,17 @@ def preprocess_batch(batch: dict, spec, storage, quarantine_dir, max_bytes) -> d
 
 def spec_conflict(cfg: PreprocessConfig, storage: dict) -> str | None:
     """Why ``cfg.output`` can't be resumed with ``cfg``'s spec (its shards were made with another one,
-    and mixing tensor shapes breaks every reader), or None."""
-    uri = join(cfg.output, "summary.json")
-    if not exists(uri, storage):
+    and mixing tensor shapes breaks every reader), or None. ``spec.json`` is written before the first
+    shard, so a run that stopped before its summary is covered too."""
+    before = None
+    for name, key in (("spec.json", None), ("summary.json", "spec")):
+        uri = join(cfg.output, name)
+        if exists(uri, storage):
+            record = json.loads(read_bytes(uri, storage))
+            before = record if key is None else record.get(key)
+            break
+    if before is None:
         return None
-    before = json.loads(read_bytes(uri, storage))["spec"]
     now = json.loads(json.dumps(_spec_dict(get_spec({"base": cfg.spec, **cfg.spec_overrides}))))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if not changed:
@@ -176,6 +182,7 @@ def run(cfg: PreprocessConfig) -> dict:
     conflict = spec_conflict(cfg, storage)
     if conflict:
         raise ValueError(conflict)
+    write_bytes(join(cfg.output, "spec.json"), json.dumps(_spec_dict(spec), indent=1).encode(), storage)
     written, quarantined = _done_ids(cfg, storage)
     todo = [i for i in items if i.id not in written and i.id not in quarantined]
     print(f"[preprocess] {card.name}: {len(items)} volumes, {len(items) - len(todo)} already done, "

@@ -142,3 +142,7 @@ def test_phantom_preprocesses_to_the_spec(phantom_dir, tmp_path, ray_local):
                                          "spec": "quickstart", "spec_overrides": {"size": [16, 32, 32]}})
     with pytest.raises(ValueError, match=r"another spec \(size: \[\[32, 64, 64\]\] then, \[\[16, 32, 32\]\] now\)"):
         run(other)
+    # also when the first run stopped before writing its summary
+    os.remove(tmp_path / "pp" / "summary.json")
+    with pytest.raises(ValueError, match=r"another spec \(size:"):
+        run(other)
