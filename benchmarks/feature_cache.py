@@ -26,7 +26,8 @@ def load_split(data: str):
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    table = pads.dataset(os.path.join(data, "volumes"), format="parquet").to_table(columns=["id", "volume", "split"])
+    columns = ["id", "volume", "split"]
+    table = pads.dataset(os.path.join(data, "volumes"), format="parquet").to_table(columns=columns)
     vols = {i: np.asarray(v, np.float32).reshape(1, 32, 64, 64)
             for i, v, s in zip(table["id"].to_pylist(), table["volume"].to_numpy(zero_copy_only=False),
                                table["split"].to_pylist()) if s == "train"}

@@ -170,10 +170,11 @@ class VLMConfig:
     max_length: int = 768
     """Longest training sequence (image tokens included); longer answers are cut at the end."""
     frozen_feature_cache_mb: float = 0.0
-    """MiB per frozen encoder and process for reusing frozen encoders' outputs on volumes already seen (0 = off). With
-    frozen encoders and no augmentation every step after the first epoch skips them; entries are
-    keyed by the input's bytes, so an augmented volume is a miss, never a wrong hit. Not with
-    DeepSpeed ZeRO-3, whose partitioned encoders must run on every rank at once."""
+    """MiB per frozen encoder and process for reusing its outputs on volumes already seen (0 = off).
+    With frozen encoders and no augmentation every step after the first epoch skips them; entries
+    are keyed by the input's bytes, so an augmented volume is a miss, never a wrong hit. Serving
+    processes use it too (several questions about one volume). Not with DeepSpeed ZeRO-3, whose
+    partitioned encoders must run on every rank at once."""
 
     def __post_init__(self):
         if self.frozen_feature_cache_mb < 0:
