@@ -171,6 +171,7 @@ def test_every_cpu_sweep_runs_and_renders_its_table(train_shards, tmp_path, ray_
 def _trial_lines(fs, exp_dir):
     """Every trial's reported results, from the experiment folder in storage."""
     out = {}
+    fs.invalidate_cache()  # the resumed sweep rewrites result files this listing may have cached
     for path in fs.glob(f"{exp_dir}/trial_*/result.json"):
         with fs.open(path, "r", encoding="utf-8") as f:
             out[path.rsplit("/", 2)[-2]] = [json.loads(line) for line in f.read().splitlines() if line.strip()]

@@ -50,7 +50,10 @@ def open_fs(uri: str, storage: dict | StorageConfig | None = None):
     """``(filesystem, path)`` for a local path or URL."""
     if not is_remote(uri):
         return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
-    return fsspec.core.url_to_fs(uri, **storage_options(storage))
+    # fsspec hands every caller in a process the same filesystem object; with its listings cache, a
+    # folder listed before Ray workers wrote into it (a resumed job's shards, a resumed sweep's trials)
+    # would stay stale, and reading a rewritten object would fail its cached ETag
+    return fsspec.core.url_to_fs(uri, use_listings_cache=False, **storage_options(storage))
 
 
 def is_local_fs(fs) -> bool:
