@@ -1,7 +1,7 @@
 """radray's command line: ``radray <verb> --config FILE [key.sub=value ...]``.
 
 Each verb runs one job's ``main`` with the rest of the arguments, so ``radray preprocess ...`` and
-``python -m ray_jobs.preprocess ...`` are the same job (``ray job submit`` takes either).
+``python -m ray_jobs.preprocess ...`` are the same job.
 """
 from __future__ import annotations
 
