@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"radray: unknown verb {verb!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     # argparse names the program after argv[0]: make a verb's --help and errors read "radray <verb>"
-    sys.argv[0] = f"radray {verb}"
-    result = importlib.import_module(VERBS[verb][0]).main(rest)
+    prog, sys.argv[0] = sys.argv[0], f"radray {verb}"
+    try:
+        result = importlib.import_module(VERBS[verb][0]).main(rest)
+    finally:
+        sys.argv[0] = prog
     return result if isinstance(result, int) else 0
 
 
