@@ -29,9 +29,17 @@ def _setup(val_every, val_batches=2):
     return cfg, MAEStage(from_dict(MAEConfig, TINY_MAE))
 
 
+class CountingSession(LocalSession):
+    reads = 0
+
+    def val_batches(self, batch_size):
+        self.reads += 1
+        return super().val_batches(batch_size)
+
+
 def test_validation_runs_on_its_cadence_and_at_the_end_and_falls(tmp_path):
     cfg, stage = _setup(val_every=4)
-    session = LocalSession(_rows(16, 0), str(tmp_path / "ckpt"), val_rows=_rows(12, 1))
+    session = CountingSession(_rows(16, 0), str(tmp_path / "ckpt"), val_rows=_rows(12, 1))
     micro, total = plan_steps(cfg, 16, 1)
     train(session, cfg, stage, micro, total)
     by_step = {r["step"]: r for r in session.reports}
@@ -40,11 +48,12 @@ def test_validation_runs_on_its_cadence_and_at_the_end_and_falls(tmp_path):
     assert [s for s, r in sorted(by_step.items()) if "val_loss" in r] == [4, 8, 12]
     val = [by_step[s]["val_loss"] for s in (4, 8, 12)]
     assert all(np.isfinite(val)) and val[-1] < val[0], val
+    assert session.reads == 1  # three passes over the same batches, read once
 
 
 def test_validation_is_deterministic_and_leaves_the_model_training(tmp_path):
     from components.training.engine import build_engine
-    from components.training.validation import validation_loss
+    from components.training.validation import read_validation_batches, validation_loss
 
     import torch
 
@@ -52,10 +61,12 @@ def test_validation_is_deterministic_and_leaves_the_model_training(tmp_path):
     session = LocalSession([], str(tmp_path / "c"), val_rows=_rows(12, 1))
     engine = build_engine(stage.build_model(None), cfg.optim, cfg.strategy, 10, torch.device("cpu"), 1, 4)
     engine.module.train()
+    batches = read_validation_batches(session, cfg.data)
+    assert len(batches) == 2
     torch.manual_seed(0)
-    first = validation_loss(session, stage, engine, cfg.data)
+    first = validation_loss(session, stage, engine, batches)
     torch.manual_seed(0)
-    assert validation_loss(session, stage, engine, cfg.data) == pytest.approx(first)
+    assert validation_loss(session, stage, engine, batches) == pytest.approx(first)
     assert engine.module.training
 
 

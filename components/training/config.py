@@ -116,7 +116,8 @@ class DataSection:
     val_split: str = "validation"
     """Split the periodic validation pass reads (``run.val_every_n_steps``)."""
     val_batches: int = 4
-    """Batches per worker in each validation pass (its first ones, in order: every pass sees the same)."""
+    """Batches per worker in each validation pass (its first ones, read once and kept in memory: every
+    pass sees the same)."""
     cpus_per_task: float = 0.1
     """CPUs each Ray Data read/filter task reserves while streaming to the trainers."""
     prefetch_batches: int = 2

@@ -27,7 +27,7 @@ from components.config import to_dict
 from components.training.augment import volume_augmentation
 from components.training.config import TrainingSections
 from components.training.engine import build_engine, describe
-from components.training.validation import validation_loss
+from components.training.validation import read_validation_batches, validation_loss
 
 
 class Session(Protocol):
@@ -141,6 +141,7 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
 
     window = _Window(resumed_from=state.step)
     last: dict = {}
+    val_set: list[dict] | None = None  # read at the first validation, then reused
     engine.module.train()
     while state.step < total_steps:
         aug = volume_augmentation(cfg.data.augment, seed=hash((cfg.run.seed, rank, state.epoch)))
@@ -174,7 +175,9 @@ def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, 
             if save or validate or state.step % cfg.run.report_every_n_steps == 0:
                 last = window.metrics(state, engine.lr, world)
                 if validate:
-                    last["val_loss"] = validation_loss(session, stage, engine, cfg.data)
+                    if val_set is None:
+                        val_set = read_validation_batches(session, cfg.data)
+                    last["val_loss"] = validation_loss(session, stage, engine, val_set)
                 _report(session, stage, engine, state, last, save, rank)
                 t_ready = time.perf_counter()  # validating and reporting are not waiting for data
             if done:
