@@ -105,9 +105,12 @@ def test_vlm_align_with_ddp_then_finetune_with_zero3_and_resume(train_shards, tm
     import torch
 
     base = [f"data.path={train_shards}", f"run.storage_path={tmp_path}", *FAST]
-    align = _fit("train_vlm", "VLMJobConfig", "align.yaml", base + ["run.name=align", "run.max_steps=10"])
-    falls, losses = _falls(_history(tmp_path / "align"))
-    assert falls, losses
+    # Through a frozen random LLM the perceiver moves the loss by hundredths, less than one batch differs
+    # from the next: the loss on the same fixed training batches is what must fall.
+    align = _fit("train_vlm", "VLMJobConfig", "align.yaml", base + [
+        "run.name=align", "run.max_steps=10", "run.val_every_n_steps=2", "data.val_split=train", "data.val_batches=2"])
+    val = [h["val_loss"] for h in _history(tmp_path / "align") if "val_loss" in h]
+    assert len(val) == 5 and val[-1] < val[0], val
     assert os.path.exists(os.path.join(align["model_dir"], "config.yaml"))
     # per-part learning rates become DeepSpeed parameter groups
     ft = base + ZERO3 + ["run.name=finetune", f"run.init_from={tmp_path / 'align'}", "optim.lr_scale={perceiver: 2.0}"]
