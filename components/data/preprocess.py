@@ -6,8 +6,9 @@ Orientation modes (every spec states which it uses, because it decides what the
 ``plane`` questions can see):
 
 - ``RAS``: reoriented to a fixed anatomical frame (W->Right, H->Anterior, D->Superior,
-  nibabel's RAS+ convention, as MONAI's ``Orientation("RAS")``). The acquisition plane
-  is hidden: an axial and a coronal series of one patient give the same array.
+  nibabel's RAS+ convention, as MONAI's ``Orientation("RAS")``). The axes no longer tell
+  the acquisition plane, though the blur of thick slices along the old slice axis can:
+  a model reads the plane off it well above chance (README, learning proof).
 - ``plane``: the acquisition plane's standard display (axial: W->Left, H->Posterior,
   D->Superior; coronal: W->Left, H->Inferior, D->Anterior; sagittal: W->Posterior,
   H->Inferior, D->Left), the plane taken from the slice (third voxel) axis. Flips and
@@ -53,7 +54,8 @@ class PreprocessSpec:
     spacing_mm: tuple[float, float, float] | None = None
     """Target voxel size (D, H, W) in mm for ``fit: crop_pad``; None keeps the input spacing."""
     orientation: Literal["RAS", "plane", "none"] = "RAS"
-    """See the module docstring; ``RAS`` hides the acquisition plane, ``plane`` and ``none`` keep it."""
+    """See the module docstring: ``RAS`` takes the acquisition plane out of the axes, ``plane`` and
+    ``none`` keep it."""
     fit: Literal["crop_pad", "resize"] = "crop_pad"
     """``crop_pad``: centre crop/pad at the target spacing; ``resize``: the whole field of view scaled to ``size``."""
     hu_window: tuple[float, float] | None = (-1000.0, 1000.0)
