@@ -228,3 +228,22 @@ def test_learning_proof_needs_all_three_conditions():
     luck = dict(looks, sign_test_p=0.2)
     assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), luck)["conditions"][2]["passed"]
     assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), None)["passed"]
+
+
+def test_quickstart_fails_on_an_unmet_proof_only_when_told_to():
+    from components.config import load
+    from components.metrics.learning_proof import learning_proof
+    from ray_jobs.quickstart import DEFAULT_CONFIG, QuickstartConfig, exit_status
+
+    def result(acc, meteor):
+        return {"run": "r", "tasks": [{"task": "vqa_closed", "micro": {"accuracy": acc}},
+                                      {"task": "caption", "micro": {"meteor": meteor}}]}
+
+    unmet = learning_proof(result(0.6, 0.3), result(0.25, 0.2), None)
+    met = learning_proof(result(0.6, 0.3), result(0.25, 0.2), {
+        "attention_on_lesion": 0.3, "lesion_slice_share": 0.1, "positional_share": 0.12, "sign_test_p": 1e-6})
+    shipped = load(QuickstartConfig, DEFAULT_CONFIG)
+    gate = load(QuickstartConfig, DEFAULT_CONFIG, ["require_proof=true"])
+    # every stage ran: the shipped command succeeds and prints the verdict either way
+    assert [exit_status(shipped, p) for p in (met, unmet, None)] == [0, 0, 0]
+    assert [exit_status(gate, p) for p in (met, unmet, None)] == [0, 1, 0]
