@@ -205,29 +205,34 @@ def test_sign_test_matches_the_binomial_tail():
     assert sign_test_p(60, 40) == pytest.approx(0.02844, abs=1e-4)
 
 
+def _result(acc, meteor):
+    """An evaluation's results with just the two figures the learning proof reads."""
+    return {"run": "r", "tasks": [{"task": "vqa_closed", "micro": {"accuracy": acc}},
+                                  {"task": "caption", "micro": {"meteor": meteor}}]}
+
+
+# slice attention that meets condition 3: 3x the lesion's share, above the habit, significant
+LOOKS = {"attention_on_lesion": 0.3, "lesion_slice_share": 0.1, "positional_share": 0.12, "sign_test_p": 1e-6}
+
+
 def test_learning_proof_needs_all_three_conditions():
     from components.metrics.learning_proof import learning_proof
 
-    def result(acc, meteor):
-        return {"run": "r", "tasks": [{"task": "vqa_closed", "micro": {"accuracy": acc}},
-                                      {"task": "caption", "micro": {"meteor": meteor}}]}
-
-    looks = {"attention_on_lesion": 0.3, "lesion_slice_share": 0.1, "positional_share": 0.12, "sign_test_p": 1e-6}
-    proof = learning_proof(result(0.6, 0.3), result(0.27, 0.2), looks)
+    proof = learning_proof(_result(0.6, 0.3), _result(0.27, 0.2), LOOKS)
     assert proof["passed"] and [c["passed"] for c in proof["conditions"]] == [True, True, True]
     # a blind twin far above chance means the text leaks the answer: not a proof
-    assert not learning_proof(result(0.6, 0.3), result(0.4, 0.2), looks)["conditions"][0]["passed"]
-    assert not learning_proof(result(0.45, 0.3), result(0.25, 0.2), looks)["passed"]
-    assert not learning_proof(result(0.6, 0.2), result(0.25, 0.2), looks)["conditions"][1]["passed"]
+    assert not learning_proof(_result(0.6, 0.3), _result(0.4, 0.2), LOOKS)["conditions"][0]["passed"]
+    assert not learning_proof(_result(0.45, 0.3), _result(0.25, 0.2), LOOKS)["passed"]
+    assert not learning_proof(_result(0.6, 0.2), _result(0.25, 0.2), LOOKS)["conditions"][1]["passed"]
     # near-uniform slice weights do not count as looking at the lesion
-    even = dict(looks, attention_on_lesion=0.1001)
-    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), even)["conditions"][2]["passed"]
+    even = dict(LOOKS, attention_on_lesion=0.1001)
+    assert not learning_proof(_result(0.6, 0.3), _result(0.25, 0.2), even)["conditions"][2]["passed"]
     # nor does looking where it always looks, or an edge over that habit no larger than chance gives
-    habit = dict(looks, positional_share=0.3)
-    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), habit)["conditions"][2]["passed"]
-    luck = dict(looks, sign_test_p=0.2)
-    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), luck)["conditions"][2]["passed"]
-    assert not learning_proof(result(0.6, 0.3), result(0.25, 0.2), None)["passed"]
+    habit = dict(LOOKS, positional_share=0.3)
+    assert not learning_proof(_result(0.6, 0.3), _result(0.25, 0.2), habit)["conditions"][2]["passed"]
+    luck = dict(LOOKS, sign_test_p=0.2)
+    assert not learning_proof(_result(0.6, 0.3), _result(0.25, 0.2), luck)["conditions"][2]["passed"]
+    assert not learning_proof(_result(0.6, 0.3), _result(0.25, 0.2), None)["passed"]
 
 
 def test_quickstart_fails_on_an_unmet_proof_only_when_told_to():
@@ -235,13 +240,8 @@ def test_quickstart_fails_on_an_unmet_proof_only_when_told_to():
     from components.metrics.learning_proof import learning_proof
     from ray_jobs.quickstart import DEFAULT_CONFIG, QuickstartConfig, exit_status
 
-    def result(acc, meteor):
-        return {"run": "r", "tasks": [{"task": "vqa_closed", "micro": {"accuracy": acc}},
-                                      {"task": "caption", "micro": {"meteor": meteor}}]}
-
-    unmet = learning_proof(result(0.6, 0.3), result(0.25, 0.2), None)
-    met = learning_proof(result(0.6, 0.3), result(0.25, 0.2), {
-        "attention_on_lesion": 0.3, "lesion_slice_share": 0.1, "positional_share": 0.12, "sign_test_p": 1e-6})
+    unmet = learning_proof(_result(0.6, 0.3), _result(0.25, 0.2), None)
+    met = learning_proof(_result(0.6, 0.3), _result(0.25, 0.2), LOOKS)
     shipped = load(QuickstartConfig, DEFAULT_CONFIG)
     gate = load(QuickstartConfig, DEFAULT_CONFIG, ["require_proof=true"])
     # every stage ran: the shipped command succeeds and prints the verdict either way
