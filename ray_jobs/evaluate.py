@@ -211,6 +211,7 @@ class AskVolumeVLM:
         outs = [r.result() for r in responses]
         return {"sample_json": batch["sample_json"],
                 "prediction": np.array([o["prediction"] for o in outs], dtype=object),
+                "truncated": np.array([o["truncated"] for o in outs], dtype=bool),
                 "slice_scores_json": np.array([json.dumps(o["slice_scores"]) for o in outs], dtype=object)}
 
 
@@ -233,7 +234,8 @@ def stream_predictions(cfg: EvaluateConfig, samples: list[dict], storage: dict) 
     records = []
     for row in answered.iter_rows():
         sample = json.loads(row["sample_json"])
-        records.append({**sample, "prediction": row["prediction"], "slice_scores": json.loads(row["slice_scores_json"])})
+        records.append({**sample, "prediction": row["prediction"], "truncated": bool(row["truncated"]),
+                        "slice_scores": json.loads(row["slice_scores_json"])})
     if len(records) != len(samples):
         raise RuntimeError(f"{len(samples)} samples sent, {len(records)} answered")
     return [{k: v for k, v in r.items() if k != "order"} for r in sorted(records, key=lambda r: r["order"])]
@@ -334,6 +336,11 @@ def serve_and_generate(cfg: EvaluateConfig, dataset: str, storage: dict, summary
     summary.update({"n_samples": len(rows), "generate_seconds": round(generate_s, 1),
                     "samples_per_second": round(len(rows) / generate_s, 2), "batch_sizes": info["batch_sizes"]})
     print(f"[evaluate] {len(rows)} samples in {generate_s:.1f} s", flush=True)
+    for t in result["tasks"]:
+        if t.get("truncated"):
+            print(f"[evaluate] warning: {t['truncated']} of {t['n_samples']} {t['task']} predictions reached "
+                  f"generation.max_new_tokens={cfg.generation.max_new_tokens} before ending: they are cut off "
+                  "and score lower than the model would; raise max_new_tokens", flush=True)
     return rows, result
 
 

@@ -116,7 +116,8 @@ class InferenceAPI:
         # reading and resampling a volume takes CPU seconds: off the event loop, so the ingress keeps answering
         volume = await asyncio.to_thread(volume_from_upload, data, self.spec, self.max_voxel_bytes)
         out = await self.vlm.answer.remote({"volume": volume, "sample": sample})
-        reply = {"answer": out["prediction"], "prompt": format_sample(sample)[0], "task": sample["task"],
+        reply = {"answer": out["prediction"], "truncated": out["truncated"], "prompt": format_sample(sample)[0],
+                 "task": sample["task"],
                  "volume_shape": list(volume.shape), "spec": self.spec.get("name"),
                  "seconds": round(time.perf_counter() - start, 3)}
         if out["slice_scores"] is not None:

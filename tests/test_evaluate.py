@@ -105,12 +105,16 @@ def test_serve_evaluation_writes_predictions_results_and_tables(served):
     assert all(len(r["slice_scores"]) == SLICES and abs(sum(r["slice_scores"]) - 1) < 1e-4 for r in rows)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows if r["task"] in ("vqa_closed", "vqa_yn", "diagnosis"))
     assert all(r["bertscore_f1"] is not None for r in rows if r["task"] in ("caption", "vqa_open"))
+    assert all(isinstance(r["truncated"], bool) for r in rows)
     with open(summary["predictions_csv"], encoding="utf-8") as f:
         assert sum(1 for _ in f) == len(rows) + 1
 
     result, = load_results([summary["results"]])
     assert result["generation"]["do_sample"] is False and result["generation"]["max_new_tokens"] == 4
     assert {t["task"] for t in result["tasks"]} == {*TASKS, "retrieval"}
+    # each task counts the predictions that max_new_tokens cut off
+    assert all(t["truncated"] == sum(r["truncated"] for r in rows if r["task"] == t["task"])
+               for t in result["tasks"] if t["task"] != "retrieval")
     caption = next(t for t in result["tasks"] if t["task"] == "caption")
     assert caption["settings"]["bertscore"]["model_name"].startswith("sentence-transformers/all-MiniLM-L6-v2")
     assert result["model"]["fusion"] == "tgis" and result["model"]["images"] == "real"
@@ -156,6 +160,7 @@ def test_http_answers_uploads_with_slice_scores(served, phantom_dir):
         assert isinstance(reply["answer"], str) and reply["answer"]
         assert reply["volume_shape"] == [1, SLICES, 64, 64] and reply["spec"] == "quickstart"
         assert len(reply["slice_scores"]) == SLICES and abs(sum(reply["slice_scores"]) - 1) < 1e-4
+        assert isinstance(reply["truncated"], bool)
     status, reply = _post(summary["url"], uploads["npy"], task="vqa_closed", question="Which plane?",
                           choice=["axial", "coronal", "sagittal", "oblique"])
     assert status == 200 and reply["prompt"].endswith("D. oblique")

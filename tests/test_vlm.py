@@ -204,6 +204,24 @@ def test_tiny_llms_generate_from_a_volume(tokenizers, llm):
     assert not torch.allclose(a, b)
 
 
+def test_answers_say_which_ran_out_of_new_tokens(tokenizers):
+    """An answer is truncated when max_new_tokens stops it before the end-of-sequence token."""
+    torch.manual_seed(0)
+    model = build_vlm(vlm_config(tokenizers["chat"], llm="llama")).eval()
+    volume = torch.rand(2, 1, 32, 64, 64)
+    questions = ["What organ is shown?", "Is there a fracture?"]
+    batch = model.collate([model.build_example(q) for q in questions], padding_side="left")
+    first = model.generate(volume, batch["input_ids"], batch["attention_mask"], batch["question_ids"],
+                           batch["question_attention_mask"], max_new_tokens=1)[:, 0]
+    # the image token is suppressed, so as the end-of-sequence token it is never reached
+    model.llm.generation_config.eos_token_id = model.image_token_id
+    cut = model.answer_details(volume, questions, max_new_tokens=3)
+    assert cut.truncated == [True, True] and cut.texts == model.answer(volume, questions, max_new_tokens=3)
+    # greedy decoding starts with the same token again: made the end-of-sequence token, it ends the answer
+    model.llm.generation_config.eos_token_id = int(first[0])
+    assert model.answer_details(volume[:1], questions[:1], max_new_tokens=3).truncated == [False]
+
+
 def med2e3_config(tokenizer: str) -> dict:
     return vlm_config(
         tokenizer,

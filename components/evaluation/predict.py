@@ -77,7 +77,8 @@ def _volume_for(volumes, sample: Mapping, index: int) -> np.ndarray:
 @torch.no_grad()
 def predict(model, volumes: Mapping[str, np.ndarray] | Sequence[np.ndarray], samples: Sequence[Mapping],
             settings: GenerationSettings | None = None, batch_size: int = 8) -> list[dict]:
-    """``[{"prediction": text, "slice_scores": [floats] or None}, ...]``, one per sample, in order.
+    """``[{"prediction": text, "slice_scores": [floats] or None, "truncated": bool}, ...]``, one per sample,
+    in order; ``truncated`` marks a prediction that ``max_new_tokens`` cut off.
 
     ``volumes`` maps volume id -> ``(1, D, H, W)`` array, or is a sequence aligned with ``samples``.
     Questions are formatted by :func:`format_sample` exactly as training formats them (fixed caption
@@ -94,9 +95,9 @@ def predict(model, volumes: Mapping[str, np.ndarray] | Sequence[np.ndarray], sam
         questions = [format_sample(dict(s))[0] for s in chunk]
         batch = np.stack([np.asarray(_volume_for(volumes, s, start + k), dtype=np.float32)
                           for k, s in enumerate(chunk)])
-        texts, scores = model.answer(torch.from_numpy(batch).to(device), questions,
-                                     return_slice_scores=True, **kwargs)
-        for k, text in enumerate(texts):
-            out.append({"prediction": text,
+        answers = model.answer_details(torch.from_numpy(batch).to(device), questions, **kwargs)
+        scores = answers.slice_scores
+        for k, text in enumerate(answers.texts):
+            out.append({"prediction": text, "truncated": answers.truncated[k],
                         "slice_scores": scores[k].float().cpu().tolist() if scores is not None else None})
     return out

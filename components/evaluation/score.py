@@ -12,7 +12,8 @@ from components.metrics.vqa import closed_vqa_scores, parse_yes_no, yes_no_score
 __all__ = ["ROW_FIELDS", "TextScorer", "diagnosis_label", "score"]
 
 ROW_FIELDS = ("id", "volume_id", "task", "question_type", "question", "answer", "answer_choice", "prediction")
-"""Sample fields every per-sample row carries (plus ``image_volume_id``, ``slice_scores`` when present)."""
+"""Sample fields every per-sample row carries (plus ``image_volume_id``, ``slice_scores``, ``truncated``
+when present)."""
 
 
 class TextScorer(Protocol):
@@ -34,7 +35,7 @@ def diagnosis_label(sample: Mapping) -> tuple[str, bool]:
 
 def _row(record: Mapping) -> dict:
     row = {k: record.get(k) for k in ROW_FIELDS}
-    for extra in ("image_volume_id", "slice_scores"):
+    for extra in ("image_volume_id", "slice_scores", "truncated"):
         if record.get(extra) is not None:
             row[extra] = record[extra]
     return row
@@ -85,6 +86,9 @@ def score(records: Sequence[Mapping], dataset: str = "phantom", split: str = "te
             _attach(task_rows, {"accuracy": [float((parse_yes_no(p) is True) == t) for p, t in zip(preds, truths)]})
         else:
             raise ValueError(f"task {task!r} cannot be scored from generated text")
+        if any("truncated" in r for r in recs):
+            # a cut-off prediction scores lower than the model's answer would: the count says how many were
+            result["truncated"] = sum(bool(r.get("truncated")) for r in recs)
         tasks.append(result)
     return rows, run_result(run, tasks, generation=generation, model=model, notes=notes)
 

@@ -38,7 +38,8 @@ Results JSON schema (version 1)
 
 Every task result has ``task`` (``caption``, ``vqa_open``, ``vqa_closed``, ``vqa_yn``,
 ``diagnosis``, ``retrieval``), ``dataset``, ``split``, ``n_samples``, ``metrics`` (the
-metric names it reports) and ``settings`` (everything that determines the values), plus:
+metric names it reports) and ``settings`` (everything that determines the values); results of
+generated text also count the predictions ``max_new_tokens`` cut off (``truncated``), plus:
 
 * caption / vqa_open / vqa_closed / vqa_yn::
 

@@ -147,6 +147,15 @@ def _mean_init_new_rows(llm: nn.Module, old_rows: int) -> None:
                 w[old_rows:] = w[:old_rows].mean(0, keepdim=True)
 
 
+@dataclass
+class Answers:
+    """What :meth:`VolumeVLM.answer_details` returns for a batch."""
+
+    texts: list[str]
+    slice_scores: torch.Tensor | None   # (B, N) TG-IS slice weights, None without a 2D branch
+    truncated: list[bool]               # stopped by max_new_tokens, not by the end-of-sequence token
+
+
 class VolumeVLM(nn.Module):
     """A 3D medical vision-language model built from swappable parts (see ``builders.build_vlm``)."""
 
@@ -310,6 +319,14 @@ class VolumeVLM(nn.Module):
                return_slice_scores: bool = False, **generate_kwargs) -> list[str] | tuple[list[str], torch.Tensor | None]:
         """Decoded answers for a batch of volumes ``(B, 1, D, H, W)`` and one question per volume
         (with ``return_slice_scores``, also the TG-IS slice scores ``(B, N)`` or None)."""
+        out = self.answer_details(volume, questions, max_new_tokens, **generate_kwargs)
+        return (out.texts, out.slice_scores) if return_slice_scores else out.texts
+
+    @torch.no_grad()
+    def answer_details(self, volume: torch.Tensor, questions: str | list[str], max_new_tokens: int = 64,
+                       **generate_kwargs) -> Answers:
+        """:meth:`answer` with the slice scores and which answers ran out of ``max_new_tokens`` before the
+        end-of-sequence token (cut off: a truncated report loses the findings it did not reach)."""
         questions = [questions] * volume.shape[0] if isinstance(questions, str) else list(questions)
         batch = self.collate([self.build_example(q) for q in questions], padding_side="left")
         device = volume.device
@@ -317,7 +334,11 @@ class VolumeVLM(nn.Module):
                                     batch["question_ids"].to(device), batch["question_attention_mask"].to(device),
                                     max_new_tokens=max_new_tokens, return_slice_scores=True, **generate_kwargs)
         texts = [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        return (texts, scores) if return_slice_scores else texts
+        eos = self.llm.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=out.device)
+        ended = torch.isin(out, eos).any(dim=1) if eos.numel() else torch.zeros(len(texts), dtype=torch.bool)
+        truncated = [bool(out.shape[1] >= max_new_tokens and not e) for e in ended.tolist()]
+        return Answers(texts, scores, truncated)
 
     # ------------------------------------------------------------------ checkpoints
     def _llm_base_reloadable(self) -> bool:
