@@ -1,13 +1,15 @@
-"""Real faults on real Ray: a killed training worker and a lost node; the run finishes and its step
-counter continues from the last checkpoint instead of starting again."""
+"""A real fault on real Ray: a node is lost mid-run, taking a training worker with it; the run finishes,
+its step counter continues from the last checkpoint instead of starting again, and the model learned.
+
+A worker killed on a node that stays up goes through the same path (Ray Train restarts the worker
+group, the loop resumes from ``get_checkpoint()``); losing the node is the case that also needs the
+placement to be rebuilt across nodes, so it is the one tested."""
 import json
 import os
-import signal
 import threading
 import time
 
 import psutil
-import pytest
 
 from components.config import load
 
@@ -73,18 +75,6 @@ def _assert_resumed(history, every=6):
     assert after[0] > restarted[0] and steps[-1] == STEPS, (steps, starts)
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(train_shards, tmp_path, ray_local):
-    cfg = _cfg(train_shards, tmp_path, "killed")
-    thread, out = _run_in_thread(cfg)
-    assert _first_checkpoint(str(tmp_path / "killed")), "no checkpoint appeared"
-    workers = _train_workers()
-    assert len(workers) == 2
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    thread.join(600)
-    assert not thread.is_alive() and "error" not in out, out.get("error")
-    _assert_resumed(_history(tmp_path / "killed"))
-
-
 def test_losing_a_node_mid_run(train_shards, tmp_path):
     """Two Ray nodes on this machine, one training worker on each; the second node is removed
     mid-run and a replacement joins; training continues from the checkpoint."""
@@ -106,7 +96,11 @@ def test_losing_a_node_mid_run(train_shards, tmp_path):
         cluster.add_node(num_cpus=2)  # the replacement the autoscaler would bring
         thread.join(600)
         assert not thread.is_alive() and "error" not in out, out.get("error")
-        _assert_resumed(_history(tmp_path / "lost-node"))
+        history = _history(tmp_path / "lost-node")
+        _assert_resumed(history)
+        losses = [h["loss"] for h in history]
+        assert sum(losses[-2:]) / 2 < losses[0], losses  # DDP across two nodes, a restart between
+        assert os.path.exists(os.path.join(out["summary"]["model_dir"], "encoder.safetensors"))
     finally:
         ray.shutdown()
         cluster.shutdown()
