@@ -33,6 +33,20 @@ def test_layout_and_splits_by_volume(phantom_dir):
     assert sp[:, :2].min() >= 0.5 - 1e-9 and sp[:, :2].max() <= 1.0 + 1e-9 and sp[:, 2].max() <= 5.0 + 1e-9
 
 
+def test_writing_dicom_leaves_the_process_locale_as_it_was(tmp_path):
+    """GDCM sets the C locale while it writes tags; left there, Python would open every file that
+    names no encoding (Ray Data's log, for one) as ASCII and fail on the first non-ASCII message."""
+    import locale
+
+    from components.data.io import read_dicom_series
+    from components.data.phantom import write_dicom_series
+
+    before, encoding = locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)
+    write_dicom_series(np.zeros((8, 8, 3), np.float32), np.eye(4), str(tmp_path / "series"), uid_seed=1)
+    assert locale.setlocale(locale.LC_ALL) == before and locale.getpreferredencoding(False) == encoding
+    assert read_dicom_series(str(tmp_path / "series")).values().shape == (8, 8, 3)
+
+
 def test_deterministic_from_the_seed(tmp_path):
     cfg = PhantomConfig(n_volumes=4, seed=9, scale=0.25)
     make_phantom_dataset(str(tmp_path / "a"), cfg)

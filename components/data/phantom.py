@@ -16,8 +16,10 @@ Everything is a pure function of ``(seed, case index)``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import locale
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -313,6 +315,17 @@ def write_nifti(hu: np.ndarray, affine: np.ndarray, path: str, rescaled: bool) -
     nib.save(img, path)
 
 
+@contextlib.contextmanager
+def _locale_kept():
+    """GDCM switches the whole process to the C locale when it writes tags and leaves it there; Python
+    then opens every file without an explicit encoding (other libraries' log files) as ASCII."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: str, uid_seed: int,
                        modality: str = "CT", skip_slices: tuple[int, ...] = ()) -> None:
     """One file per slice with CT rescale tags and full patient geometry.
@@ -334,23 +347,24 @@ def write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: str, uid_seed
     iop = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        if k in skip_slices:
-            continue
-        sl = image[:, :, k]
-        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": modality, "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{root}.2.{k + 1}", "0020|000d": f"{root}.0", "0020|000e": f"{root}.1",
-            "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in pos), "0020|0037": iop,
-            "0028|0030": f"{sp[1]:.6f}\\{sp[0]:.6f}", "0018|0050": f"{sp[2]:.6f}",
-            "0028|1052": "-1024", "0028|1053": "1", "0028|1054": "HU",
-            "0010|0010": "PHANTOM^CASE", "0010|0020": f"PH{uid_seed}", "0008|103e": "radray phantom",
-        }
-        for key, value in tags.items():
-            sl.SetMetaData(key, value)
-        writer.SetFileName(os.path.join(folder, f"slice_{k + 1:04d}.dcm"))
-        writer.Execute(sl)
+    with _locale_kept():
+        for k in range(image.GetDepth()):
+            if k in skip_slices:
+                continue
+            sl = image[:, :, k]
+            pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+            tags = {
+                "0008|0060": modality, "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0018": f"{root}.2.{k + 1}", "0020|000d": f"{root}.0", "0020|000e": f"{root}.1",
+                "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in pos), "0020|0037": iop,
+                "0028|0030": f"{sp[1]:.6f}\\{sp[0]:.6f}", "0018|0050": f"{sp[2]:.6f}",
+                "0028|1052": "-1024", "0028|1053": "1", "0028|1054": "HU",
+                "0010|0010": "PHANTOM^CASE", "0010|0020": f"PH{uid_seed}", "0008|103e": "radray phantom",
+            }
+            for key, value in tags.items():
+                sl.SetMetaData(key, value)
+            writer.SetFileName(os.path.join(folder, f"slice_{k + 1:04d}.dcm"))
+            writer.Execute(sl)
 
 
 # --- text --------------------------------------------------------------------------------------
