@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -128,9 +129,12 @@ def _cli(name, shards, tmp_path, *overrides):
 def test_every_cpu_sweep_runs_and_renders_its_table(train_shards, tmp_path, ray_local):
     # all six drivers at once: their trials queue for the two CPUs, so one sweep's trial-process
     # start overlaps another's trials instead of leaving a core idle
+    kept_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "radray-trial-*")))
     procs = {name: _cli(name, train_shards, tmp_path) for name in SWEEPS}
     for name, proc in procs.items():
         assert proc.wait(600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    # finished, failed and early-stopped trials alike remove the model copy they kept for evaluation
+    assert not set(glob.glob(os.path.join(tempfile.gettempdir(), "radray-trial-*"))) - kept_before
     for name in SWEEPS:
         cfg, _ = _cpu_sweep(name, train_shards, tmp_path)
         printed = dict(line.split("] ", 1)[1].split(": ", 1) for line in (tmp_path / f"{name}.log").read_text(

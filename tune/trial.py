@@ -115,7 +115,11 @@ def _train_here(cfg) -> tuple[TuneSession, dict]:
                 if cfg.run.val_every_n_steps is not None else None)
     session = TuneSession(train_rows, val_rows, cfg.run.seed, cfg.data.shuffle_buffer, _device(cfg))
     micro, total = plan_steps(cfg, train_rows.rows, 1)
-    final = train(session, cfg, stage, micro, total)
+    try:
+        final = train(session, cfg, stage, micro, total)
+    except BaseException:  # a failed trial, or one the scheduler stopped: its kept model goes too
+        shutil.rmtree(session.kept, ignore_errors=True)
+        raise
     if not final:  # restored after its last step (interrupted while evaluating): nothing was left to train
         with session.latest_checkpoint() as ckpt:
             final = {"step": TrainerState.read(ckpt).step} if ckpt else {}
