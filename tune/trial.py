@@ -52,13 +52,13 @@ class TuneSession:
 
     world_rank, world_size = 0, 1
 
-    def __init__(self, train_rows, val_rows, seed: int, shuffle_buffer: int, device: str):
+    def __init__(self, train_rows, val_rows, seed: int, shuffle_buffer: int, device: str, kept: str):
         import torch
 
         self.device = torch.device(device)
         self.train_rows, self.val_rows = train_rows, val_rows
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.kept = tempfile.mkdtemp(prefix="radray-trial-")
+        self.kept = kept  # a folder the caller owns and removes
         self.has_model = False
 
     def latest_checkpoint(self):
@@ -103,7 +103,7 @@ def _device(cfg) -> str:
     return "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
 
 
-def _train_here(cfg) -> tuple[TuneSession, dict]:
+def _train_here(cfg, kept: str) -> tuple[TuneSession, dict]:
     from components.training.loop import TrainerState, plan_steps, train
     from components.training.shards import ShardBatches
 
@@ -113,13 +113,9 @@ def _train_here(cfg) -> tuple[TuneSession, dict]:
     train_rows = ShardBatches(cfg.data.path, cfg.data.split, tasks, storage, cfg.data.limit)
     val_rows = (ShardBatches(cfg.data.path, cfg.data.val_split, tasks, storage)
                 if cfg.run.val_every_n_steps is not None else None)
-    session = TuneSession(train_rows, val_rows, cfg.run.seed, cfg.data.shuffle_buffer, _device(cfg))
+    session = TuneSession(train_rows, val_rows, cfg.run.seed, cfg.data.shuffle_buffer, _device(cfg), kept)
     micro, total = plan_steps(cfg, train_rows.rows, 1)
-    try:
-        final = train(session, cfg, stage, micro, total)
-    except BaseException:  # a failed trial, or one the scheduler stopped: its kept model goes too
-        shutil.rmtree(session.kept, ignore_errors=True)
-        raise
+    final = train(session, cfg, stage, micro, total)
     if not final:  # restored after its last step (interrupted while evaluating): nothing was left to train
         with session.latest_checkpoint() as ckpt:
             final = {"step": TrainerState.read(ckpt).step} if ckpt else {}
@@ -164,15 +160,15 @@ def run_trial(config: dict, sweep: dict, recipes: dict[str, dict]) -> None:
     variant, values, extra = trial_row(sweep_cfg, config)
     cfg = load(VLMJobConfig, data=json.loads(json.dumps(recipes[variant])), overrides=extra)
     cfg.run.name = f"{sweep_cfg.name}-{tune.get_context().get_trial_id()}"
-    kept = None
-    if cfg.scaling.num_workers > 1:
-        model_dir, final = _train_distributed(cfg, sweep_cfg)
-    else:
-        # as many threads as the trial reserved CPUs: concurrent trials must not oversubscribe the cores
-        torch.set_num_threads(max(1, int(sweep_cfg.resources_per_trial.get("CPU", 1))))
-        session, final = _train_here(cfg)
-        model_dir, kept = session.model_dir(), session.kept
-    try:
+    # the model a trial keeps to evaluate goes with the trial, whether it finished, failed or was stopped
+    with tempfile.TemporaryDirectory(prefix="radray-trial-") as kept:
+        if cfg.scaling.num_workers > 1:
+            model_dir, final = _train_distributed(cfg, sweep_cfg)
+        else:
+            # as many threads as the trial reserved CPUs: concurrent trials must not oversubscribe the cores
+            torch.set_num_threads(max(1, int(sweep_cfg.resources_per_trial.get("CPU", 1))))
+            session, final = _train_here(cfg, kept)
+            model_dir = session.model_dir()
         # "completed" marks the trial's last report: a trial the scheduler stopped never sends it
         metrics = {"completed": True, **{k: final[k] for k in ("step", "loss", "val_loss") if k in final}}
         if sweep_cfg.evaluation.enabled:
@@ -180,7 +176,4 @@ def run_trial(config: dict, sweep: dict, recipes: dict[str, dict]) -> None:
             result = _evaluate(model_dir, cfg, sweep_cfg, label)
             metrics.update(flat_metrics(result))
             metrics[EVAL_KEY] = json.dumps(result)
-    finally:
-        if kept:
-            shutil.rmtree(kept, ignore_errors=True)
     tune.report(metrics)
