@@ -26,10 +26,16 @@ class MakePhantomConfig:
     """Local folder or s3:// prefix (written locally first, then uploaded)."""
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     """What to generate."""
+    workers: int | None = None
+    """Processes rendering cases; null = one per CPU core. The files are the same for any number."""
     overwrite: bool = False
     """Regenerate even if ``output`` already holds a phantom with the same settings."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint and credentials for an s3:// output."""
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (or null for one per CPU core), got {self.workers}")
 
 
 def progress_printer(label: str):
@@ -56,7 +62,8 @@ def run(cfg: MakePhantomConfig) -> dict:
             return existing
     if os.path.isdir(local) and not is_remote(cfg.output):
         shutil.rmtree(local)
-    summary = make_phantom_dataset(local, cfg.phantom, progress=progress_printer("make_phantom"))
+    workers = cfg.workers or os.cpu_count() or 1
+    summary = make_phantom_dataset(local, cfg.phantom, progress=progress_printer("make_phantom"), workers=workers)
     if is_remote(cfg.output):
         fs, path = open_fs(cfg.output, storage)
         fs.put(local.rstrip("/") + "/", path, recursive=True)

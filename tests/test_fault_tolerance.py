@@ -75,6 +75,29 @@ def _assert_resumed(history, every=6):
     assert after[0] > restarted[0] and steps[-1] == STEPS, (steps, starts)
 
 
+def _orphaned_staging_folder() -> str:
+    """What a worker killed mid-checkpoint leaves in /tmp: a staging folder of a process that is gone."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = os.path.join(tempfile.gettempdir(), f"radray-ckpt-{socket.gethostname()}-{gone.pid}-test")
+    os.makedirs(os.path.join(path, "model"))
+    return path
+
+
+def _staging_of_gone_processes() -> list[str]:
+    import socket
+    import tempfile
+
+    mine = f"radray-ckpt-{socket.gethostname()}-"
+    return [n for n in os.listdir(tempfile.gettempdir())
+            if n.startswith(mine) and not psutil.pid_exists(int(n[len(mine):].split("-", 1)[0]))]
+
+
 def test_losing_a_node_mid_run(train_shards, tmp_path):
     """Two Ray nodes on this machine, one training worker on each; the second node is removed
     mid-run and a replacement joins; training continues from the checkpoint."""
@@ -87,6 +110,7 @@ def test_losing_a_node_mid_run(train_shards, tmp_path):
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}})
         cfg = _cfg(train_shards, tmp_path, "lost-node", ["scaling.placement_strategy=STRICT_SPREAD"])
+        orphan = _orphaned_staging_folder()
         thread, out = _run_in_thread(cfg)
         assert _first_checkpoint(str(tmp_path / "lost-node")), "no checkpoint appeared"
         nodes = {p.pid: p for p in _train_workers()}
@@ -101,6 +125,9 @@ def test_losing_a_node_mid_run(train_shards, tmp_path):
         losses = [h["loss"] for h in history]
         assert sum(losses[-2:]) / 2 < losses[0], losses  # DDP across two nodes, a restart between
         assert os.path.exists(os.path.join(out["summary"]["model_dir"], "encoder.safetensors"))
+        # a killed worker's checkpoint copy is reclaimed by the workers that follow it on that host
+        assert not os.path.exists(orphan)
+        assert not _staging_of_gone_processes()
     finally:
         ray.shutdown()
         cluster.shutdown()

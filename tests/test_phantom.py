@@ -47,17 +47,22 @@ def test_writing_dicom_leaves_the_process_locale_as_it_was(tmp_path):
     assert read_dicom_series(str(tmp_path / "series")).values().shape == (8, 8, 3)
 
 
-def test_deterministic_from_the_seed(tmp_path):
-    cfg = PhantomConfig(n_volumes=4, seed=9, scale=0.25)
+def test_deterministic_from_the_seed_however_many_processes_write_it(tmp_path):
+    cfg = PhantomConfig(n_volumes=6, seed=9, scale=0.25)
     make_phantom_dataset(str(tmp_path / "a"), cfg)
-    make_phantom_dataset(str(tmp_path / "b"), cfg)
+    make_phantom_dataset(str(tmp_path / "b"), cfg, workers=2)
     for name in ("M3D_VQA_train.csv", "multi_abnormality_labels.csv", "findings.jsonl", "M3D_Cap.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    f = sorted(os.listdir(tmp_path / "a" / "volumes"))[0]
-    if f.endswith(".nii.gz"):
-        import nibabel as nib
-        np.testing.assert_array_equal(nib.load(tmp_path / "a" / "volumes" / f).dataobj,
-                                      nib.load(tmp_path / "b" / "volumes" / f).dataobj)
+    assert sorted(os.listdir(tmp_path / "a" / "reports")) == sorted(os.listdir(tmp_path / "b" / "reports"))
+    for f in os.listdir(tmp_path / "a" / "reports"):
+        assert (tmp_path / "a" / "reports" / f).read_bytes() == (tmp_path / "b" / "reports" / f).read_bytes()
+    from components.data.io import read_volume
+
+    names = sorted(os.listdir(tmp_path / "a" / "volumes"))
+    assert names == sorted(os.listdir(tmp_path / "b" / "volumes"))
+    for f in names:
+        np.testing.assert_array_equal(read_volume(str(tmp_path / "a" / "volumes" / f)).values(),
+                                      read_volume(str(tmp_path / "b" / "volumes" / f)).values())
 
 
 def test_answers_are_balanced_so_a_blind_model_scores_at_chance(tmp_path):

@@ -1,4 +1,6 @@
 """The loop body without Ray: loss falls, checkpoints resume where they stopped, engines agree."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,28 @@ def test_lr_scale_trains_named_parts_at_their_own_rate():
         load(TrainingSections, data={"optim": {"lr_scale": {"fusion": 0}}})
     with pytest.raises(ConfigError, match=r"optim.lr_scale.fusion: expected float"):
         load(TrainingSections, data={"optim": {"lr_scale": {"fusion": "fast"}}})
+
+
+def test_a_run_removes_the_staging_folders_of_killed_workers_only(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = tmp_path / f"radray-ckpt-{host}-{dead.pid}-abc"
+    live = tmp_path / f"radray-ckpt-{host}-{os.getppid()}-def"  # a process that is running
+    elsewhere = tmp_path / f"radray-ckpt-not-{host}-{dead.pid}-ghi"  # another host's (a shared /tmp)
+    for d in (orphan, live, elsewhere):
+        (d / "model").mkdir(parents=True)
+        (d / "model" / "weights.bin").write_bytes(b"x" * 1024)
+    cfg, stage = _cfg(tmp_path, max_steps=4)
+    session = LocalSession(_rows(), str(tmp_path / "ckpt"))
+    train(session, cfg, stage, *plan_steps(cfg, 16, 1))
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("radray-ckpt-"))
+    # the run's own staging folder went once its checkpoint was handed over
+    assert left == sorted([live.name, elsewhere.name]), left
+    assert (tmp_path / "ckpt").exists() and session.reports[-1]["step"] == 4

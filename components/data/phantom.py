@@ -16,10 +16,13 @@ Everything is a pure function of ``(seed, case index)``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import csv
+import functools
 import json
 import locale
+import multiprocessing
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -478,34 +481,54 @@ def vqa_rows(case: Case, image_path: str, report: str, rng: np.random.Generator,
 
 # --- the dataset ---------------------------------------------------------------------------------
 
-def make_phantom_dataset(out_dir: str, cfg: PhantomConfig, progress=None) -> dict:
-    """Write the dataset to a local folder (see the README section on the phantom layout)."""
+def write_case(out_dir: str, cfg: PhantomConfig, i: int) -> dict:
+    """Render and write case ``i`` (volume and report); returns its rows for the dataset's tables."""
+    case = sample_case(i, cfg, split_of(i, cfg))
+    rng = np.random.default_rng([cfg.seed, i, 2])
+    hu = render_case(case, cfg)
+    A = np.array(case.affine)
+    if case.storage == "dicom":
+        rel = f"volumes/{case.id}"
+        write_dicom_series(hu, A, os.path.join(out_dir, rel), uid_seed=cfg.seed * 100000 + i)
+    else:
+        rel = f"volumes/{case.id}.nii.gz"
+        write_nifti(hu, A, os.path.join(out_dir, rel), rescaled=bool(rng.random() < 0.5))
+    report = report_text(case, rng)
+    with open(os.path.join(out_dir, "reports", f"{case.id}.txt"), "w", encoding="utf-8") as f:
+        f.write(report)
+    rows, yn_rows = vqa_rows(case, rel, report, rng, cfg.choice_order)
+    return {"split": case.split, "caption": {"image": rel, "text": f"reports/{case.id}.txt"}, "vqa": rows,
+            "yn": yn_rows, "labels": {"VolumeName": rel, **case.labels()}, "finding": {**asdict(case), "image": rel}}
+
+
+def _cases(out_dir: str, cfg: PhantomConfig, workers: int):
+    """Each case's rows in index order, rendered by ``workers`` processes (every case is a function of
+    the seed and its index, so the files do not depend on how many)."""
+    write = functools.partial(write_case, out_dir, cfg)
+    if workers <= 1:
+        yield from map(write, range(cfg.n_volumes))
+        return
+    # spawn, not fork: the caller may hold threads (a Ray driver does), which fork would copy half-alive
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        yield from pool.map(write, range(cfg.n_volumes), chunksize=4)
+
+
+def make_phantom_dataset(out_dir: str, cfg: PhantomConfig, progress=None, workers: int = 1) -> dict:
+    """Write the dataset to a local folder (see the README section on the phantom layout), rendering
+    cases in ``workers`` processes."""
     os.makedirs(os.path.join(out_dir, "volumes"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "reports"), exist_ok=True)
     cap = {"train": [], "validation": [], "test": []}
     vqa = {k: [] for k in cap}
     yn = {k: [] for k in cap}
     label_rows, findings = [], []
-    for i in range(cfg.n_volumes):
-        case = sample_case(i, cfg, split_of(i, cfg))
-        rng = np.random.default_rng([cfg.seed, i, 2])
-        hu = render_case(case, cfg)
-        A = np.array(case.affine)
-        if case.storage == "dicom":
-            rel = f"volumes/{case.id}"
-            write_dicom_series(hu, A, os.path.join(out_dir, rel), uid_seed=cfg.seed * 100000 + i)
-        else:
-            rel = f"volumes/{case.id}.nii.gz"
-            write_nifti(hu, A, os.path.join(out_dir, rel), rescaled=bool(rng.random() < 0.5))
-        report = report_text(case, rng)
-        with open(os.path.join(out_dir, "reports", f"{case.id}.txt"), "w", encoding="utf-8") as f:
-            f.write(report)
-        cap[case.split].append({"image": rel, "text": f"reports/{case.id}.txt"})
-        rows, yn_rows = vqa_rows(case, rel, report, rng, cfg.choice_order)
-        vqa[case.split] += rows
-        yn[case.split] += yn_rows
-        label_rows.append({"VolumeName": rel, **case.labels()})
-        findings.append({**asdict(case), "image": rel})
+    for i, rec in enumerate(_cases(out_dir, cfg, workers)):
+        cap[rec["split"]].append(rec["caption"])
+        vqa[rec["split"]] += rec["vqa"]
+        yn[rec["split"]] += rec["yn"]
+        label_rows.append(rec["labels"])
+        findings.append(rec["finding"])
         if progress:
             progress(i + 1, cfg.n_volumes)
     with open(os.path.join(out_dir, "M3D_Cap.json"), "w", encoding="utf-8") as f:

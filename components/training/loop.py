@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -99,6 +100,41 @@ def local_checkpoint(path: str | None, storage: dict | None = None, field: str |
         yield local
 
 
+STAGING_PREFIX = "radray-ckpt-"
+
+
+def _staging_prefix() -> str:
+    # host and pid in the name: a restarted worker can tell a killed worker's leftover from a live one's
+    return f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_staging(tmp: str | None = None) -> list[str]:
+    """Remove the checkpoint staging folders this host's killed workers left in ``tmp``.
+
+    A worker stages each checkpoint in a temporary folder and removes it once Ray Train has copied
+    it; a worker killed in between cannot. Each folder names its host and process, so only folders of
+    this host whose process is gone are removed. Returns the removed paths."""
+    tmp = tmp or tempfile.gettempdir()
+    mine = f"{STAGING_PREFIX}{socket.gethostname()}-"
+    removed = []
+    for name in os.listdir(tmp):
+        pid = name[len(mine):].split("-", 1)[0]
+        if name.startswith(mine) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            removed.append(os.path.join(tmp, name))
+    return removed
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,6 +154,7 @@ def plan_steps(cfg: TrainingSections, rows: int, world_size: int) -> tuple[int, 
 def train(session: Session, cfg: TrainingSections, stage, micro_per_epoch: int, total_steps: int) -> dict:
     """Run ``stage`` until ``total_steps`` optimizer steps; returns the last reported metrics."""
     rank, world = session.world_rank, session.world_size
+    remove_orphaned_staging()  # a restarted run reclaims the disk its killed workers held
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     with local_checkpoint(cfg.run.init_from, to_dict(cfg.storage), "run.init_from") as init:
         model = stage.build_model(init)
@@ -194,7 +231,7 @@ def _report(session: Session, stage, engine, state: TrainerState, metrics: dict,
     if not save:
         session.report(metrics)
         return
-    directory = tempfile.mkdtemp(prefix="radray-ckpt-")
+    directory = tempfile.mkdtemp(prefix=_staging_prefix())
     try:
         full = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
         engine.save(directory, rank)
