@@ -27,7 +27,7 @@ class MakePhantomConfig:
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     """What to generate."""
     workers: int | None = None
-    """Processes rendering cases; null = one per CPU core. The files are the same for any number."""
+    """Processes rendering cases; null = one per CPU core. The dataset is the same for any number."""
     overwrite: bool = False
     """Regenerate even if ``output`` already holds a phantom with the same settings."""
     storage: StorageConfig = field(default_factory=StorageConfig)

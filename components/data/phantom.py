@@ -363,6 +363,8 @@ def write_dicom_series(hu: np.ndarray, affine: np.ndarray, folder: str, uid_seed
                 "0028|0030": f"{sp[1]:.6f}\\{sp[0]:.6f}", "0018|0050": f"{sp[2]:.6f}",
                 "0028|1052": "-1024", "0028|1053": "1", "0028|1054": "HU",
                 "0010|0010": "PHANTOM^CASE", "0010|0020": f"PH{uid_seed}", "0008|103e": "radray phantom",
+                # GDCM stamps the wall clock where these are missing: the same case would differ run to run
+                "0008|0020": "20240101", "0008|0030": "000000",
             }
             for key, value in tags.items():
                 sl.SetMetaData(key, value)
