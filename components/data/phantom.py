@@ -505,7 +505,7 @@ def write_case(out_dir: str, cfg: PhantomConfig, i: int) -> dict:
 
 def _cases(out_dir: str, cfg: PhantomConfig, workers: int):
     """Each case's rows in index order, rendered by ``workers`` processes (every case is a function of
-    the seed and its index, so the files do not depend on how many)."""
+    the seed and its index, so the dataset does not depend on how many)."""
     write = functools.partial(write_case, out_dir, cfg)
     if workers <= 1:
         yield from map(write, range(cfg.n_volumes))
