@@ -78,13 +78,11 @@ def _assert_resumed(history, every=6):
 def _orphaned_staging_folder() -> str:
     """What a worker killed mid-checkpoint leaves in /tmp: a staging folder of a process that is gone."""
     import socket
-    import subprocess
-    import sys
     import tempfile
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    path = os.path.join(tempfile.gettempdir(), f"radray-ckpt-{socket.gethostname()}-{gone.pid}-test")
+    from conftest import gone_pid
+
+    path = os.path.join(tempfile.gettempdir(), f"radray-ckpt-{socket.gethostname()}-{gone_pid()}-test")
     os.makedirs(os.path.join(path, "model"))
     return path
 

@@ -150,17 +150,15 @@ def test_lr_scale_trains_named_parts_at_their_own_rate():
 
 def test_a_run_removes_the_staging_folders_of_killed_workers_only(tmp_path, monkeypatch):
     import socket
-    import subprocess
-    import sys
     import tempfile
 
+    from conftest import gone_pid
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = socket.gethostname()
-    orphan = tmp_path / f"radray-ckpt-{host}-{dead.pid}-abc"
+    host, dead = socket.gethostname(), gone_pid()
+    orphan = tmp_path / f"radray-ckpt-{host}-{dead}-abc"
     live = tmp_path / f"radray-ckpt-{host}-{os.getppid()}-def"  # a process that is running
-    elsewhere = tmp_path / f"radray-ckpt-not-{host}-{dead.pid}-ghi"  # another host's (a shared /tmp)
+    elsewhere = tmp_path / f"radray-ckpt-not-{host}-{dead}-ghi"  # another host's (a shared /tmp)
     for d in (orphan, live, elsewhere):
         (d / "model").mkdir(parents=True)
         (d / "model" / "weights.bin").write_bytes(b"x" * 1024)

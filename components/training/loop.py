@@ -108,28 +108,20 @@ def _staging_prefix() -> str:
     return f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_orphaned_staging(tmp: str | None = None) -> list[str]:
     """Remove the checkpoint staging folders this host's killed workers left in ``tmp``.
 
     A worker stages each checkpoint in a temporary folder and removes it once Ray Train has copied
     it; a worker killed in between cannot. Each folder names its host and process, so only folders of
     this host whose process is gone are removed. Returns the removed paths."""
+    import psutil
+
     tmp = tmp or tempfile.gettempdir()
     mine = f"{STAGING_PREFIX}{socket.gethostname()}-"
     removed = []
     for name in os.listdir(tmp):
-        pid = name[len(mine):].split("-", 1)[0]
-        if name.startswith(mine) and pid.isdigit() and not _pid_alive(int(pid)):
+        pid = name[len(mine):].split("-", 1)[0] if name.startswith(mine) else ""
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
             removed.append(os.path.join(tmp, name))
     return removed
