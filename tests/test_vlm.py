@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from components.config import ConfigError, load  # noqa: E402
 from components.models.builders import build_vlm  # noqa: E402
 from components.models.config import VLMConfig  # noqa: E402
+from components.models.feature_cache import sample_digest  # noqa: E402
 from components.models.text import IGNORE_INDEX  # noqa: E402
 from components.models.vlm import VolumeVLM  # noqa: E402
 
@@ -334,7 +335,16 @@ def test_answer_only_lm_head_gives_the_full_sequence_loss(tokenizers):
     assert torch.allclose(out.logits, full[:, -out.logits.shape[1]:], atol=1e-5)
 
 
-def test_frozen_feature_cache_gives_the_same_training_steps_and_skips_seen_volumes(tokenizers):
+def test_frozen_feature_cache_gives_the_same_training_steps_and_skips_seen_volumes(tokenizers, monkeypatch):
+    import components.models.vlm as vlm_module
+
+    digested = []
+
+    def counting_digest(x):
+        digested.append(1)
+        return sample_digest(x)
+
+    monkeypatch.setattr(vlm_module, "sample_digest", counting_digest)
     cfg = med2e3_config(tokenizers["chat"])
     cfg["tune"].update(encoder_3d="frozen", encoder_2d="frozen")
     models = []
@@ -359,6 +369,7 @@ def test_frozen_feature_cache_gives_the_same_training_steps_and_skips_seen_volum
         cache = cached.feature_caches[name]
         assert (cache.misses, cache.hits) == (3, 5) and len(cache.entries) == 3
     assert not plain.feature_caches
+    assert len(digested) == 4 * 2  # each step digests its two volumes once, for both encoders
 
     # a changed volume is a miss, never a stale hit
     shifted = volumes[0] + 0.01

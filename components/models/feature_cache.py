@@ -23,7 +23,7 @@ def sample_digest(x: torch.Tensor) -> bytes:
     data = x.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(data.shape)}{data.dtype}".encode())
-    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy of it
     return h.digest()
 
 
@@ -72,9 +72,10 @@ class FrozenFeatureCache:
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def __call__(self, encode: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
-        """``encode(x)``, running the encoder only on the samples of ``x`` not seen before."""
-        keys = [sample_digest(s) for s in x]
+    def __call__(self, encode: Callable[[torch.Tensor], Any], x: torch.Tensor, keys: list[bytes] | None = None) -> Any:
+        """``encode(x)``, running the encoder only on the samples of ``x`` not seen before. ``keys``:
+        the samples' digests when the caller already has them (several encoders read one volume)."""
+        keys = [sample_digest(s) for s in x] if keys is None else keys
         missing = [i for i, k in enumerate(keys) if k not in self.entries]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)

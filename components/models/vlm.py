@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from components.config import dump, load
 from components.models.config import LoraSpec, VLMConfig
-from components.models.feature_cache import FrozenFeatureCache
+from components.models.feature_cache import FrozenFeatureCache, sample_digest
 from components.models.text import IGNORE_INDEX, build_example, collate
 
 __all__ = ["VolumeVLM", "VolumeVLMOutput", "apply_tune_mode", "lora_config"]
@@ -236,11 +236,12 @@ class VolumeVLM(nn.Module):
                       question_ids: torch.Tensor | None = None,
                       question_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image embeddings ``(B, M, D)`` for the LLM and the TG-IS slice scores ``(B, N)`` (or None)."""
-        enc = self._encode("encoder_3d", volume)
+        digests: dict[int, list[bytes]] = {}  # per input tensor: both encoders may read the same volume
+        enc = self._encode("encoder_3d", volume, digests)
         tokens = self.perceiver(enc)
         if self.fusion is None:
             return tokens, None
-        feats_2d = self._encode("encoder_2d", volume if volume_2d is None else volume_2d)
+        feats_2d = self._encode("encoder_2d", volume if volume_2d is None else volume_2d, digests)
         text = None
         if getattr(self.fusion, "needs_text", False):
             if question_ids is None:
@@ -253,13 +254,18 @@ class VolumeVLM(nn.Module):
         self.feature_caches.clear()  # features of the old weights
         return super().load_state_dict(*args, **kwargs)
 
-    def _encode(self, name: str, x: torch.Tensor):
+    def _encode(self, name: str, x: torch.Tensor, digests: dict[int, list[bytes]] | None = None):
         encoder = getattr(self, name)
         if self.config.frozen_feature_cache_mb <= 0 or self.tune_mode(name) != "frozen":
             return encoder(x)
         if name not in self.feature_caches:
             self.feature_caches[name] = FrozenFeatureCache(self.config.frozen_feature_cache_mb)
-        return self.feature_caches[name](encoder, x)
+        keys = None
+        if digests is not None:
+            if id(x) not in digests:
+                digests[id(x)] = [sample_digest(s) for s in x]
+            keys = digests[id(x)]
+        return self.feature_caches[name](encoder, x, keys)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image placeholder positions replaced by ``image_embeds``."""
