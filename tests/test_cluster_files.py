@@ -1,4 +1,5 @@
-"""cluster/: each file carries what its system requires, and the local cluster really runs a job."""
+"""cluster/: each file carries what its system requires, and the local cluster really runs jobs:
+`ray job submit` of a probe and of a training recipe, with the working directory."""
 import json
 import os
 import re
@@ -184,9 +185,27 @@ def test_runtime_env_example():
     env = load("runtime_env.yaml")
     assert set(env) <= {"excludes", "env_vars", "config"}  # RuntimeEnv accepts unknown keys silently
     RuntimeEnv(**env, working_dir=str(ROOT))
-    assert {"data/", "results/", "runs/"} <= set(env["excludes"])
+    assert {"/data/", "/results/", "/runs/"} <= set(env["excludes"])
     assert "AWS_ENDPOINT_URL" in env["env_vars"] and "HF_HUB_OFFLINE" in env["env_vars"]
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env["env_vars"]), "no secrets in the repo"
+
+
+def _excludes_of_every_file():
+    rayjob = yaml.safe_load(load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    return {"runtime_env.yaml": load("runtime_env.yaml")["excludes"], "kuberay/rayjob.yaml": rayjob["excludes"]}
+
+
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "kuberay/rayjob.yaml"])
+def test_excludes_keep_every_code_file_and_drop_the_outputs(name):
+    # Ray reads excludes as gitignore patterns: a bare `data/` matches components/data as well
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", _excludes_of_every_file()[name])
+    code = [str(p.relative_to(ROOT)) for d in ("components", "ray_jobs", "tune", "cluster", "datasets")
+            for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
+    assert any(c.startswith("components/data/") for c in code)
+    assert not [c for c in code if spec.match_file(c)], name
+    assert all(spec.match_file(f"{top}/x.parquet") for top in ("data", "runs", "results")), name
 
 
 def test_readme_covers_every_target_with_commands_that_name_real_files():
@@ -241,16 +260,23 @@ import os, ray
 ray.init()
 @ray.remote(num_cpus=1, resources={"node2": 1})
 def probe():
+    import components.data.io  # the uploaded copy, not an installed one
+    here = os.path.realpath(os.getcwd())
     return [os.environ.get("HF_HUB_OFFLINE"), os.path.isdir("ray_jobs"), os.path.exists("data"),
+            os.path.realpath(components.data.io.__file__).startswith(here + os.sep),
             ray.get_runtime_context().get_node_id()]
 print("PROBE", *ray.get(probe.remote()))
 """
 
 
 @pytest.mark.slow
-def test_local_cluster_runs_a_submitted_job_with_the_runtime_env():
+def test_local_cluster_runs_submitted_jobs_with_the_runtime_env(train_shards, tmp_path):
+    """One cluster of two nodes for both submissions: starting a cluster costs as much as a job."""
+    import ray
+
     from cluster.local import _sessions_members, run_on_fresh_cluster
 
+    ray.shutdown()  # the jobs get their own cluster
     small = 100 * 2**20
     t0 = time.time()
 
@@ -266,8 +292,11 @@ def test_local_cluster_runs_a_submitted_job_with_the_runtime_env():
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         probe = next(line for line in r.stdout.splitlines() if line.startswith("PROBE")).split()[1:]
-        # The task ran on the second node, from the uploaded code, with the env vars and without data/.
-        assert probe == [load("runtime_env.yaml")["env_vars"]["HF_HUB_OFFLINE"], "True", "False", node2[0]]
+        # The task ran on the second node, from the uploaded code (all of it), with the env vars and
+        # without data/.
+        assert probe == [load("runtime_env.yaml")["env_vars"]["HF_HUB_OFFLINE"], "True", "False", "True", node2[0]]
+
+        _submit_training_job(c, train_shards, tmp_path, env)
 
         c.remove_node(c.nodes[1])
         c._wait(lambda: len(c.alive_nodes()) == 1, "the removed node to leave", timeout=60)
@@ -279,6 +308,33 @@ def test_local_cluster_runs_a_submitted_job_with_the_runtime_env():
     assert not _sessions_members(sids, temp_dir, verify=False), "processes left after stop"
     assert not os.path.exists(temp_dir)
     print(f"cluster of 2 nodes up in {started:.1f}s, whole test {time.time() - t0:.1f}s")
+
+
+def _submit_training_job(c, train_shards, tmp_path, env):
+    """`ray job submit` of a training recipe with the working directory: SUCCEEDED, and a checkpoint
+    where the run said it would be."""
+    runtime_env = {"excludes": ["/data/", "/runs/", "/results/", ".git/", "*.egg-info/"],
+                   "env_vars": {"RADRAY_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}}
+    cmd = _ray_cli("job", "submit", "--address", c.dashboard_url, "--working-dir", ".",
+                   "--runtime-env-json", json.dumps(runtime_env), "--",
+                   "python", "-m", "ray_jobs.train_vlm", "--config", "ray_jobs/configs/cpu/align.yaml",
+                   f"data.path={train_shards}", f"run.storage_path={tmp_path}", "run.name=submitted",
+                   "run.max_steps=4", "run.report_every_n_steps=2", "checkpoint.every_n_steps=4")
+    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=900, env=env, cwd=ROOT)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "succeeded" in log.lower(), log[-3000:]
+    job_id = next(w.strip("'") for line in log.splitlines() if "raysubmit_" in line
+                  for w in line.split() if "raysubmit_" in w)
+    status = subprocess.run(_ray_cli("job", "status", "--address", c.dashboard_url, job_id),
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60, env=env)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+    assert "SUCCEEDED" in plain or "succeeded" in plain, plain[-2000:]
+    run = tmp_path / "submitted"
+    ckpts = [d for d in os.listdir(run) if d.startswith("checkpoint_") and (run / d).is_dir()]
+    assert ckpts and (run / ckpts[-1] / "model" / "config.yaml").exists()
+    assert (run / ckpts[-1] / "trainer_state.json").exists() and (run / "loss_curve.png").exists()
 
 
 def _ray_cli(*args):

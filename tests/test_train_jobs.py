@@ -1,6 +1,6 @@
 """Every training job on a local Ray with 2 CPU workers under DeepSpeed ZeRO-2 and ZeRO-3; the loss
 falls; re-running a run name resumes from its latest checkpoint. DDP runs in the fault-tolerance test
-(MAE), the job-submission test (alignment) and the two-worker sweep trial (fine-tuning)."""
+(MAE), the local-cluster job test (alignment, in test_cluster_files) and the two-worker sweep trial (fine-tuning)."""
 import json
 import os
 
