@@ -8,7 +8,7 @@ Orientation modes (every spec states which it uses, because it decides what the
 - ``RAS``: reoriented to a fixed anatomical frame (W->Right, H->Anterior, D->Superior,
   nibabel's RAS+ convention, as MONAI's ``Orientation("RAS")``). The axes no longer tell
   the acquisition plane, though the blur of thick slices along the old slice axis can:
-  a model reads the plane off it well above chance (README, learning proof).
+  a model reads the plane off it well above chance (docs/learning_proof.md).
 - ``plane``: the acquisition plane's standard display (axial: W->Left, H->Posterior,
   D->Superior; coronal: W->Left, H->Inferior, D->Anterior; sagittal: W->Posterior,
   H->Inferior, D->Left), the plane taken from the slice (third voxel) axis. Flips and
