@@ -9,7 +9,7 @@ import pytest
 from components.data.adapters.base import DatasetCard, get_adapter, load_card
 from components.data.adapters.ct_rate import volume_rel_path
 
-CARDS = ["phantom", "m3d_cap", "m3d_vqa", "ct_rate", "bimcv_r"]
+CARDS = ["phantom", "m3d_cap", "m3d_vqa", "ct_rate", "ct_rate_v1", "bimcv_r"]
 
 
 @pytest.mark.parametrize("name", CARDS)
@@ -59,43 +59,61 @@ def test_m3d_cap_and_vqa(tmp_path):
     assert sorted(b["error_type"] for b in bad) == ["empty_text", "non_utf8"]
 
 
-def test_ct_rate_layout_with_metadata(tmp_path):
+def _ct_rate_release(root, volumes: dict, stored_offset: int):
+    """A CT-RATE copy: volumes of 40 HU stored as ``HU + stored_offset``, and the metadata's rescale values
+    of the original scans (intercept -1024) whichever release it is."""
     import nibabel as nib
 
     names = {"train": ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz"], "validation": ["valid_1_a_1.nii.gz"]}
-    dirs = {"train": "dataset/train", "validation": "dataset/valid"}
     for split, files in names.items():
         for n in files:
-            p = tmp_path / volume_rel_path(dirs[split], n)
+            p = root / volume_rel_path(volumes[split], n)
             p.parent.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), p)
+            nib.save(nib.Nifti1Image(np.full((8, 8, 4), 40 + stored_offset, np.int16), np.eye(4)), p)
     rep = "dataset/radiology_text_reports/{}_reports.csv"
-    _write_csv(str(tmp_path / rep.format("train")), [
+    _write_csv(str(root / rep.format("train")), [
         {"VolumeName": "train_1_a_1.nii.gz", "Findings_EN": "Emphysema in both lungs.", "Impressions_EN": "x"},
         {"VolumeName": "train_2_a_1.nii.gz", "Findings_EN": "", "Impressions_EN": "x"}])
-    _write_csv(str(tmp_path / rep.format("validation")), [
+    _write_csv(str(root / rep.format("validation")), [
         {"VolumeName": "valid_1_a_1.nii.gz", "Findings_EN": "Normal.", "Impressions_EN": "x"}])
-    _write_csv(str(tmp_path / "dataset/multi_abnormality_labels/train_predicted_labels.csv"), [
+    _write_csv(str(root / "dataset/multi_abnormality_labels/train_predicted_labels.csv"), [
         {"VolumeName": "train_1_a_1.nii.gz", "Emphysema": 1, "Cardiomegaly": 0}])
-    _write_csv(str(tmp_path / "dataset/metadata/train_metadata.csv"), [
+    _write_csv(str(root / "dataset/metadata/train_metadata.csv"), [
         {"VolumeName": "train_1_a_1.nii.gz", "XYSpacing": "[0.75, 0.75]", "ZSpacing": 1.5,
          "RescaleSlope": 1, "RescaleIntercept": -1024}])
-    card = load_card("ct_rate", [f"root={tmp_path}"])
-    a = get_adapter(card)
+
+
+@pytest.mark.parametrize("card_name, volumes, stored_offset, overrides", [
+    # the first release: raw scanner values behind a default header, rescaled from the metadata
+    ("ct_rate_v1", {"train": "dataset/train", "validation": "dataset/valid"}, 1024,
+     {"spacing": [0.75, 0.75, 1.5], "slope": 1.0, "intercept": -1024.0}),
+    # the current release: CT numbers already; the metadata's intercept must not shift them again
+    ("ct_rate", {"train": "dataset/train_fixed", "validation": "dataset/valid_fixed"}, 0,
+     {"spacing": [0.75, 0.75, 1.5]}),
+])
+def test_ct_rate_releases_read_to_the_same_ct_numbers(tmp_path, card_name, volumes, stored_offset, overrides):
+    from components.data.pipeline import process_item
+    from components.data.preprocess import get_spec
+
+    _ct_rate_release(tmp_path, volumes, stored_offset)
+    a = get_adapter(load_card(card_name, [f"root={tmp_path}"]))
     vols = {v.id: v for v in a.volumes()}
-    v = vols["dataset/train/train_1/train_1_a/train_1_a_1"]
-    assert v.overrides == {"spacing": [0.75, 0.75, 1.5], "slope": 1.0, "intercept": -1024.0}
+    v = vols[f"{volumes['train']}/train_1/train_1_a/train_1_a_1"]
+    assert v.overrides == overrides
     assert os.path.exists(v.source_uri)
     samples, bad = a.samples()
     assert sum(s["task"] == "caption" for s in samples) == 2
     dx = [s for s in samples if s["task"] == "diagnosis"]
     assert {s["answer"] for s in dx} == {"Yes", "No"} and len(dx) == 2
     assert [b["error_type"] for b in bad] == ["empty_text"]
-    from components.data.pipeline import process_item
-    from components.data.preprocess import get_spec
 
-    rec, q = process_item(v.__dict__, get_spec({"base": "e3d", "size": [4, 8, 8]}))
+    spec = get_spec({"base": "e3d", "size": [4, 8, 8]})
+    rec, q = process_item(v.__dict__, spec)
     assert q is None and rec["source_spacing_mm"] == [0.75, 0.75, 1.5]
+    lo, hi = spec.hu_window
+    # 40 HU inside the body, whichever way the release stores it (-984 HU if rescaled twice)
+    inside = rec["volume"][rec["volume"] > rec["volume"].min()]
+    assert inside.size and np.allclose(inside, (40 - lo) / (hi - lo), atol=1e-3)
 
 
 def test_bimcv_r_hash_split(tmp_path):

@@ -1,9 +1,15 @@
 """CT-RATE: NIfTI volumes, a reports CSV and a multi-abnormality label CSV per split.
 
-Layout (as released): ``dataset/{train,valid}/<split>_<patient>/<split>_<patient>_<scan>/<name>.nii.gz``,
-``dataset/radiology_text_reports/<split>_reports.csv`` (VolumeName, Findings_EN, Impressions_EN, ...),
+Layout: ``dataset/<volumes>/<split>_<patient>/<split>_<patient>_<scan>/<name>.nii.gz``, where
+``<volumes>`` is ``train_fixed``/``valid_fixed`` in the current release and ``train``/``valid`` in the
+first; ``dataset/radiology_text_reports/<split>_reports.csv`` (VolumeName, Findings_EN, ...),
 ``dataset/multi_abnormality_labels/<split>_predicted_labels.csv`` (VolumeName + 18 label columns) and
-``dataset/metadata/<split>_metadata.csv`` (spacing and rescale values that the NIfTI headers lack).
+``dataset/metadata/<split>_metadata.csv`` (XYSpacing, ZSpacing, RescaleSlope, RescaleIntercept, ...).
+
+The metadata's spacing always replaces the header's. Its rescale values are applied only when the card
+names their columns (``columns.rescale_slope``/``rescale_intercept``): the first release stored raw
+scanner values behind a default header, the current one stores CT numbers already, and rescaling
+those again would shift every voxel by the intercept.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class CTRateAdapter(Adapter):
     def _metadata(self, rel: str | None) -> dict[str, dict]:
         if not rel:
             return {}
+        slope_col, intercept_col = self.card.columns.get("rescale_slope"), self.card.columns.get("rescale_intercept")
         out = {}
         for row in read_csv_rows(self.card, rel, self.storage):
             try:
@@ -41,9 +48,9 @@ class CTRateAdapter(Adapter):
                 fix = {}
                 if xy and row.get("ZSpacing"):
                     fix["spacing"] = [float(xy[0]), float(xy[1]), float(row["ZSpacing"])]
-                if row.get("RescaleSlope"):
-                    fix["slope"] = float(row["RescaleSlope"])
-                    fix["intercept"] = float(row.get("RescaleIntercept") or 0.0)
+                if slope_col and row.get(slope_col):
+                    fix["slope"] = float(row[slope_col])
+                    fix["intercept"] = float(row.get(intercept_col or "", "") or 0.0)
                 out[row["VolumeName"]] = fix
             except (ValueError, SyntaxError, KeyError):
                 continue  # the volume is still read with its own header
