@@ -1,6 +1,8 @@
 """M3D-Cap (a JSON of image/text paths per split) and M3D-VQA (CSV per split).
 
-M3D-Cap: ``{"train": [{"image": "ct_case/000006/Axial_.../0.npy", "text": "ct_case/000006/text.txt"}], ...}``.
+M3D-Cap: ``{"train": [{"image": "M3D_Cap_npy/ct_case/000006/<series>.npy",
+"text": "M3D_Cap_npy/ct_case/000006/text.txt"}], ...}``, one ``.npy`` per series as the M3D code's
+``m3d_cap_data_prepare.py`` writes them (the release itself holds PNG slices).
 M3D-VQA: columns ``Image Path, Text, Question Type, Question, Choice A..D, Answer, Answer Choice``;
 every row yields a closed (4-choice) and an open sample; yes/no CSVs yield ``vqa_yn`` samples.
 """
