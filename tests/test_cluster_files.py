@@ -192,12 +192,14 @@ def test_runtime_env_example():
 
 def _excludes_of_every_file():
     rayjob = yaml.safe_load(load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])
-    return {"runtime_env.yaml": load("runtime_env.yaml")["excludes"], "kuberay/rayjob.yaml": rayjob["excludes"]}
+    return {"runtime_env.yaml": load("runtime_env.yaml")["excludes"], "kuberay/rayjob.yaml": rayjob["excludes"],
+            **{name: load(name)["rsync_exclude"] for name in LAUNCHERS}}
 
 
-@pytest.mark.parametrize("name", ["runtime_env.yaml", "kuberay/rayjob.yaml"])
+@pytest.mark.parametrize("name", ["runtime_env.yaml", "kuberay/rayjob.yaml", *LAUNCHERS])
 def test_excludes_keep_every_code_file_and_drop_the_outputs(name):
-    # Ray reads excludes as gitignore patterns: a bare `data/` matches components/data as well
+    # Ray reads excludes as gitignore patterns and rsync's --exclude works alike: a bare `data/`
+    # matches components/data as well, a leading slash anchors it at the top
     from ray._private.thirdparty.pathspec import PathSpec
 
     spec = PathSpec.from_lines("gitwildmatch", _excludes_of_every_file()[name])
