@@ -50,7 +50,7 @@ class CTRateAdapter(Adapter):
                     fix["spacing"] = [float(xy[0]), float(xy[1]), float(row["ZSpacing"])]
                 if slope_col and row.get(slope_col):
                     fix["slope"] = float(row[slope_col])
-                    fix["intercept"] = float(row.get(intercept_col or "", "") or 0.0)
+                    fix["intercept"] = float(row.get(intercept_col) or 0.0) if intercept_col else 0.0
                 out[row["VolumeName"]] = fix
             except (ValueError, SyntaxError, KeyError):
                 continue  # the volume is still read with its own header
