@@ -3,7 +3,8 @@ its step counter continues from the last checkpoint instead of starting again, a
 
 A worker killed on a node that stays up goes through the same path (Ray Train restarts the worker
 group, the loop resumes from ``get_checkpoint()``); losing the node is the case that also needs the
-placement to be rebuilt across nodes, so it is the one tested."""
+placement to be rebuilt across nodes, so it is the one tested. It runs the MAE job under DeepSpeed
+ZeRO-3, whose sharded optimizer state must come back whole on the replacement worker group."""
 import json
 import os
 import threading
@@ -97,9 +98,10 @@ def _staging_of_gone_processes() -> list[str]:
 
 
 def test_losing_a_node_mid_run(train_shards, tmp_path):
-    """Two Ray nodes on this machine, one training worker on each; the second node is removed
-    mid-run and a replacement joins; training continues from the checkpoint."""
+    """Two Ray nodes on this machine, one training worker on each, under DeepSpeed ZeRO-3; the second
+    node is removed mid-run and a replacement joins; training continues from the sharded checkpoint."""
     import ray
+    import torch
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
@@ -107,7 +109,8 @@ def test_losing_a_node_mid_run(train_shards, tmp_path):
     node2 = cluster.add_node(num_cpus=2)
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}})
-        cfg = _cfg(train_shards, tmp_path, "lost-node", ["scaling.placement_strategy=STRICT_SPREAD"])
+        cfg = _cfg(train_shards, tmp_path, "lost-node", ["scaling.placement_strategy=STRICT_SPREAD",
+                                                          "strategy.name=deepspeed", "strategy.zero_stage=3"])
         orphan = _orphaned_staging_folder()
         thread, out = _run_in_thread(cfg)
         assert _first_checkpoint(str(tmp_path / "lost-node")), "no checkpoint appeared"
@@ -121,8 +124,15 @@ def test_losing_a_node_mid_run(train_shards, tmp_path):
         history = _history(tmp_path / "lost-node")
         _assert_resumed(history)
         losses = [h["loss"] for h in history]
-        assert sum(losses[-2:]) / 2 < losses[0], losses  # DDP across two nodes, a restart between
-        assert os.path.exists(os.path.join(out["summary"]["model_dir"], "encoder.safetensors"))
+        assert sum(losses[-2:]) / 2 < losses[0], losses  # ZeRO-3 across two nodes, a restart between
+        assert os.path.exists(out["summary"]["loss_curve"]) and os.listdir(out["summary"]["tensorboard"])
+        # DeepSpeed's engine state came back with the checkpoint: its own step count did not restart
+        states = os.path.join(out["summary"]["checkpoint"], "deepspeed", "state", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        assert torch.load(states, map_location="cpu", weights_only=False)["global_steps"] == STEPS
+        from safetensors.torch import load_file
+
+        encoder = load_file(os.path.join(out["summary"]["model_dir"], "encoder.safetensors"))
+        assert all(v.numel() > 0 for v in encoder.values())  # ZeRO-3 partitions gathered, not saved empty
         # a killed worker's checkpoint copy is reclaimed by the workers that follow it on that host
         assert not os.path.exists(orphan)
         assert not _staging_of_gone_processes()

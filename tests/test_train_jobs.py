@@ -1,6 +1,7 @@
-"""Every training job on a local Ray with 2 CPU workers under DeepSpeed ZeRO-2 and ZeRO-3; the loss
-falls; re-running a run name resumes from its latest checkpoint. DDP runs in the fault-tolerance test
-(MAE), the local-cluster job test (alignment, in test_cluster_files) and the two-worker sweep trial (fine-tuning)."""
+"""Training jobs on a local Ray with 2 CPU workers under DeepSpeed ZeRO-2 and ZeRO-3; the loss falls;
+re-running a run name resumes from its latest checkpoint. MAE runs under ZeRO-3 in the fault-tolerance
+test (a lost node, a restart from the sharded checkpoint); DDP runs in the local-cluster job test
+(alignment, in test_cluster_files) and the two-worker sweep trial (fine-tuning)."""
 import json
 import os
 
@@ -36,23 +37,6 @@ def _fit(module, cls, recipe, overrides):
 def _falls(history):
     losses = [h["loss"] for h in history]
     return sum(losses[-2:]) / 2 < losses[0], losses
-
-
-def test_mae_learns_under_deepspeed_zero3_and_exports_gathered_weights(train_shards, tmp_path, ray_local):
-    summary = _fit("pretrain_mae", "MAEJobConfig", "mae.yaml", [
-        f"data.path={train_shards}", f"run.storage_path={tmp_path}", "run.name=mae-z3", "run.max_steps=8",
-        "strategy.name=deepspeed", "strategy.zero_stage=3", *FAST])
-    falls, losses = _falls(_history(tmp_path / "mae-z3"))
-    assert falls, losses
-    assert os.path.exists(summary["loss_curve"]) and os.listdir(summary["tensorboard"])
-    ckpt = summary["checkpoint"]
-    assert os.path.isdir(os.path.join(ckpt, "deepspeed"))  # sharded optimizer state of both ranks
-    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
-        assert json.load(f)["step"] == 8
-    from safetensors.torch import load_file
-
-    enc = load_file(os.path.join(summary["model_dir"], "encoder.safetensors"))
-    assert all(v.numel() > 0 for v in enc.values())  # ZeRO-3 partitions were gathered, not saved empty
 
 
 def test_siglip_pretraining_learns_under_deepspeed_zero2(train_shards, tmp_path, ray_local):
