@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from components.config import from_dict, to_dict
-from components.data.storage import is_remote, join, open_fs, pyarrow_fs, write_bytes
+from components.data.storage import is_remote, join, open_fs, pyarrow_fs, upload_tree, write_bytes
 from components.evaluation.data import read_samples as read_split_samples
 from components.training.loop import plan_steps, train
 from components.training.replay import EpochReplay
@@ -206,7 +206,14 @@ CLOCKS = ("step", "time", "reported_at", "cpu_s", "thread_cpu_s")
 """Report fields that are clock readings, not scalars to plot."""
 
 
-def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, storage: dict):
+TENSORBOARD_UPLOAD_EVERY_S = 60.0
+"""With runs in object storage, how often the TensorBoard logs are copied there between checkpoints."""
+
+
+def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, storage: dict,
+                       tb_uri: str | None = None):
+    """``tb_uri``: where in object storage the TensorBoard logs of ``tb_dir`` (on the driver's node, as
+    the controller is) are copied, at every checkpoint and at most every ``TENSORBOARD_UPLOAD_EVERY_S``."""
     from ray.train import UserCallback
 
     class Progress(UserCallback):
@@ -214,6 +221,7 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
 
         def __init__(self):
             self.history, self.t0, self.step0, self.writer, self.written = [], None, None, None, False
+            self.uploaded = 0.0
 
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0]) if metrics else {}
@@ -241,6 +249,9 @@ def _progress_callback(total_steps: int, metrics_uri: str, tb_dir: str | None, s
                     if isinstance(v, (int, float)) and k not in CLOCKS:
                         self.writer.add_scalar(f"train/{k}", v, m["step"])
                 self.writer.flush()
+                if tb_uri and (checkpoint or now - self.uploaded >= TENSORBOARD_UPLOAD_EVERY_S):
+                    upload_tree(tb_dir, tb_uri, storage)
+                    self.uploaded = now
             if self.written and not is_remote(metrics_uri):  # one line per report, not the whole log again
                 with open(metrics_uri, "a", encoding="utf-8") as f:
                     f.write(json.dumps(m) + "\n")
@@ -327,10 +338,13 @@ def fit(cfg, job_class: str, callbacks: list | None = None) -> dict:
     if is_remote(cfg.run.storage_path):
         pfs, spath = pyarrow_fs(cfg.run.storage_path, storage)
         storage_kwargs = dict(storage_path=spath, storage_filesystem=pfs)
+        # TensorBoard appends to its event files, which object stores cannot: it writes on local disk and
+        # the logs are copied next to the run
         tb_dir = os.path.abspath(os.path.join("runs", cfg.run.name, "tensorboard"))
+        tb_copy = join(rdir, "tensorboard")
     else:
         storage_kwargs = dict(storage_path=os.path.abspath(cfg.run.storage_path))
-        tb_dir = os.path.join(rdir, "tensorboard")
+        tb_dir, tb_copy = os.path.join(rdir, "tensorboard"), None
     metrics_uri = join(rdir, "metrics.jsonl")
     env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "OMP_NUM_THREADS": str(max(1, int(sc.cpus_per_worker)))}
     trainer = TorchTrainer(
@@ -343,7 +357,7 @@ def fit(cfg, job_class: str, callbacks: list | None = None) -> dict:
         run_config=RunConfig(name=cfg.run.name, **storage_kwargs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             callbacks=[_progress_callback(total, metrics_uri, tb_dir, storage), *(callbacks or [])],
+                             callbacks=[_progress_callback(total, metrics_uri, tb_dir, storage, tb_copy), *(callbacks or [])],
                              worker_runtime_env={"env_vars": env}),
         datasets=datasets,
     )
@@ -351,13 +365,17 @@ def fit(cfg, job_class: str, callbacks: list | None = None) -> dict:
     result = trainer.fit()
     history = _read_history(metrics_uri, storage, before=10**12)
     curve = plot_loss_curve(history, f"{cfg.run.name}: training loss", join(rdir, "loss_curve.png"), storage)
+    if tb_copy and os.path.isdir(tb_dir):  # the last reports since the controller's last copy
+        upload_tree(tb_dir, tb_copy, storage)
     ckpt = result.checkpoint.path if result.checkpoint else None
-    if ckpt and is_remote(cfg.run.storage_path):
-        ckpt = "s3://" + ckpt.lstrip("/")
+    if ckpt and is_remote(cfg.run.storage_path):  # Ray gives the path within the bucket
+        ckpt = cfg.run.storage_path.split("://", 1)[0] + "://" + ckpt.lstrip("/")
     summary = {"run": cfg.run.name, "checkpoint": ckpt, "model_dir": join(ckpt, "model") if ckpt else None,
-               "loss_curve": curve, "tensorboard": tb_dir, "metrics": metrics_uri, "steps": total,
+               "loss_curve": curve, "tensorboard": tb_dir, "tensorboard_copy": tb_copy,
+               "metrics": metrics_uri, "steps": total,
                "final": result.metrics, "first_loss": history[0]["loss"] if history else None,
                "seconds": round(time.time() - t0, 1)}
     print(f"[train] done in {summary['seconds']} s: checkpoint {ckpt}\n[train] loss curve {curve}; "
-          f"TensorBoard: tensorboard --logdir {tb_dir}", flush=True)
+          f"TensorBoard: tensorboard --logdir {tb_dir}"
+          f"{f' (copied to {tb_copy})' if tb_copy else ''}", flush=True)
     return summary

@@ -1,4 +1,5 @@
-"""Raw phantom in a real S3 server (moto_server on 127.0.0.1) -> preprocessing job -> shards in S3."""
+"""Raw phantom in a real S3 server (moto_server on 127.0.0.1) -> preprocessing job -> shards in S3; a
+training run's progress logs (metrics, TensorBoard) next to it in S3."""
 import numpy as np
 import pyarrow.parquet as pq
 import s3fs
@@ -46,3 +47,43 @@ def test_preprocess_from_s3_to_s3(s3_server, ray_local):
     with fs.open("shards/phantom-qs/quarantine.parquet", "rb") as f:
         q = pq.read_table(f).to_pylist()
     assert len([r for r in q if r["stage"] in ("read", "preprocess")]) == v["quarantined"]
+
+
+def _report(step: int) -> dict:
+    return {"step": step, "loss": 2.0 / step, "lr": 1e-3, "samples_per_s": 8.0, "tokens_per_s": 100.0,
+            "data_wait_frac": 0.1, "epoch": 0}
+
+
+def test_training_progress_reaches_object_storage(s3_server, tmp_path):
+    """The Train controller's callback of a run stored in S3: the metrics log is rewritten there at every
+    report, and the TensorBoard logs (written on local disk) are copied next to the run at the first
+    report, at checkpoints, and not at every report in between."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ray_jobs.train_common import _progress_callback
+
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"], endpoint_url=s3_server["endpoint_url"])
+    fs.mkdir("runs")
+    local = tmp_path / "tensorboard"
+    progress = _progress_callback(3, "s3://runs/vlm/metrics.jsonl", str(local), s3_server, "s3://runs/vlm/tensorboard")
+
+    def copied():
+        fs.invalidate_cache()
+        return {p.rsplit("/", 1)[1]: fs.cat(p) for p in fs.find("runs/vlm/tensorboard")}
+
+    progress.after_report(None, [_report(1)], None)
+    (name, first), = copied().items()
+    progress.after_report(None, [_report(2)], None)
+    assert copied() == {name: first}  # within the upload interval and no checkpoint: not sent again
+    progress.after_report(None, [_report(3)], object())  # a checkpoint
+    assert copied() == {name: (local / name).read_bytes()} and len(copied()[name]) > len(first)
+
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / name).write_bytes(copied()[name])
+    events = EventAccumulator(str(tmp_path / "copy"))
+    events.Reload()
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars("train/loss")] == [(1, 2.0), (2, 1.0), (3, 0.667)]
+    rows = [json.loads(line) for line in fs.cat("runs/vlm/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

@@ -85,6 +85,22 @@ def write_bytes(uri: str, data: bytes, storage=None) -> None:
         f.write(data)
 
 
+def upload_tree(local_dir: str, uri: str, storage=None) -> list[str]:
+    """Copy every file under ``local_dir`` to the same relative path under ``uri``, overwriting what is
+    there (files that only grow, like TensorBoard event files, are sent whole again); returns the URIs."""
+    fs, root = open_fs(uri, storage)
+    out = []
+    for folder, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, name), local_dir).replace(os.sep, "/")
+            target = join(root, rel)
+            if is_local_fs(fs):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.put_file(os.path.join(folder, name), target)
+            out.append(join(uri, rel))
+    return out
+
+
 def read_bytes(uri: str, storage=None) -> bytes:
     fs, path = open_fs(uri, storage)
     with fs.open(path, "rb") as f:
