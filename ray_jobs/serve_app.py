@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict
 
 from ray import serve
+from starlette.datastructures import MultiDict, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -60,9 +62,8 @@ class VolumeVLMServer:
                 "batch_sizes": list(self.batch_sizes)}
 
 
-def _sample_from_query(request: Request) -> dict:
+def _sample_from_params(params: MultiDict) -> dict:
     """The sample record an HTTP request asks about, formatted later exactly as training formats it."""
-    params = request.query_params
     task = params.get("task", "vqa_open")
     if task not in ONLINE_TASKS:
         raise UploadError(400, f"task must be one of {ONLINE_TASKS}, got {task!r}")
@@ -77,7 +78,8 @@ def _sample_from_query(request: Request) -> dict:
 
 @serve.deployment
 class InferenceAPI:
-    """HTTP: ``POST /answer?question=...`` with the volume as the body; ``GET /health``."""
+    """HTTP: ``POST /answer?question=...`` with the volume as the body, or as a multipart form's
+    ``volume`` file whose other fields count as query parameters; ``GET /health``."""
 
     def __init__(self, vlm, spec: dict, max_upload_bytes: int, max_voxel_bytes: int):
         self.vlm, self.spec = vlm, spec
@@ -109,10 +111,31 @@ class InferenceAPI:
                 raise UploadError(413, f"upload is above the {self.max_upload_bytes} byte limit")
         return bytes(body)
 
+    async def _read_upload(self, request: Request) -> tuple[bytes, MultiDict]:
+        """The volume's bytes and the request's parameters (the query's, and a form's text fields)."""
+        body = await self._read_body(request)  # the whole request counts against the upload limit
+        params = list(request.query_params.multi_items())
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return body, MultiDict(params)
+
+        async def stream():
+            yield body
+        try:
+            form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=32).parse()
+        except MultiPartException as e:
+            raise UploadError(400, f"unreadable multipart form: {e}") from e
+        volume = form.get("volume")
+        if not isinstance(volume, UploadFile):
+            raise UploadError(400, "a multipart upload needs the volume as a file field named 'volume'")
+        params += [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+        data = await volume.read()
+        await form.close()
+        return data, MultiDict(params)
+
     async def _answer(self, request: Request) -> dict:
         start = time.perf_counter()
-        sample = _sample_from_query(request)
-        data = await self._read_body(request)
+        data, params = await self._read_upload(request)
+        sample = _sample_from_params(params)
         # reading and resampling a volume takes CPU seconds: off the event loop, so the ingress keeps answering
         volume = await asyncio.to_thread(volume_from_upload, data, self.spec, self.max_voxel_bytes)
         out = await self.vlm.answer.remote({"volume": volume, "sample": sample})

@@ -81,15 +81,24 @@ def served(train_shards, tgis_model, siglip_run, tmp_path_factory):
     serve.shutdown()
 
 
-def _post(url: str, body: bytes, **query) -> tuple[int, dict]:
+def _post(url: str, body: bytes, headers: dict | None = None, **query) -> tuple[int, dict]:
     from urllib.parse import urlencode
 
-    request = urllib.request.Request(f"{url}?{urlencode(query, doseq=True)}", data=body, method="POST")
+    request = urllib.request.Request(f"{url}?{urlencode(query, doseq=True)}", data=body, method="POST",
+                                     headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def _post_form(url: str, volume: bytes, fields: dict, **query) -> tuple[int, dict]:
+    """A multipart/form-data upload, as ``curl -F volume=@file -F key=value`` sends it."""
+    from urllib3 import encode_multipart_formdata
+
+    body, content_type = encode_multipart_formdata([*fields.items(), ("volume", ("ct.bin", volume))])
+    return _post(url, body, {"Content-Type": content_type}, **query)
 
 
 def test_serve_evaluation_writes_predictions_results_and_tables(served):
@@ -164,6 +173,13 @@ def test_http_answers_uploads_with_slice_scores(served, phantom_dir):
     status, reply = _post(summary["url"], uploads["npy"], task="vqa_closed", question="Which plane?",
                           choice=["axial", "coronal", "sagittal", "oblique"])
     assert status == 200 and reply["prompt"].endswith("D. oblique")
+    # the same upload as a multipart form (curl -F volume=@ct.nii.gz -F question=...): the same answer
+    status, plain = _post(summary["url"], uploads["nifti"], question="Which organ shows a lesion?")
+    status, form = _post_form(summary["url"], uploads["nifti"], {"question": "Which organ shows a lesion?"})
+    assert status == 200 and form["answer"] == plain["answer"] and form["slice_scores"] == plain["slice_scores"]
+    status, reply = _post_form(summary["url"], uploads["npy"], {"task": "vqa_closed", "question": "Which plane?"},
+                               choice=["axial", "coronal", "sagittal", "oblique"])  # form fields and query together
+    assert status == 200 and reply["prompt"].endswith("D. oblique")
 
 
 def test_http_refuses_bad_uploads_and_keeps_answering(served):
@@ -185,6 +201,16 @@ def test_http_refuses_bad_uploads_and_keeps_answering(served):
         assert reply["error"], name
     status, reply = _post(url, good)  # no question
     assert status == 400 and "question" in reply["error"]
+    status, reply = _post_form(url, b"", {"question": "Is there a lesion?"})
+    assert status == 400 and reply["error"]  # an empty file part
+    from urllib3 import encode_multipart_formdata
+
+    body, content_type = encode_multipart_formdata([("question", "Is there a lesion?")])
+    status, reply = _post(url, body, {"Content-Type": content_type})
+    assert status == 400 and "'volume'" in reply["error"]  # a form without the volume
+    status, reply = _post(url, b"--x\r\nContent-Disposition: form-data; name=\"volume\"; filename=\"ct\"\r\nnot ended",
+                          {"Content-Type": "multipart/form-data; boundary=x"})
+    assert status == 400 and reply["error"], reply  # a form cut off mid-part
     status, reply = _post(url, good, question="Is there a lesion?")
     assert status == 200 and reply["answer"]
     with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/health", timeout=30) as response:
