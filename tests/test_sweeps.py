@@ -1,6 +1,7 @@
 """Ray Tune sweeps on a local Ray (no mocks): every shipped CPU sweep runs and renders its table (ASHA
 stopping rows of one), an interrupted sweep resumes without rerunning finished trials, a trial with
-two workers runs a TorchTrainer; every sweep YAML loads and a bad one fails naming the field."""
+two workers runs a TorchTrainer, ASHA's rungs outlive the driver; every sweep YAML loads and a bad one
+fails naming the field."""
 import csv
 import glob
 import json
@@ -165,6 +166,7 @@ def test_every_cpu_sweep_runs_and_renders_its_table(train_shards, tmp_path, ray_
     # ASHA (lr_lora_rank) stopped the near-zero learning rates at its first rung; the first row finished
     statuses = [r[-1] for r in _rows(os.path.join(tmp_path, "out", "lr_lora_rank", "lr_lora_rank_cpu.csv"))[1:]]
     assert statuses[0] == "done" and "stopped early at step 2" in statuses, statuses
+    assert os.path.exists(tmp_path / "sweeps" / "lr_lora_rank_cpu" / "asha_state.pkl")  # its rungs, for a resume
     # Med-2E3 Table 5 keeps its tick columns; Med3DVLM's per-type tables come from the evaluation results
     header = _rows(os.path.join(tmp_path, "out", "med2e3_scoring", "med2e3_scoring_cpu.csv"))[0]
     assert header[:4] == ["Scoring", "Text", "3D", "2D"]
@@ -247,3 +249,39 @@ def test_a_trial_with_two_workers_runs_a_torch_trainer_with_a_validation_shard(t
     lr = result.config["search"]["0"]
     assert best.scaling.num_workers == 2 and 1e-4 <= lr <= 1e-3 and best.optim.lr == lr
     assert float(row[1]) == pytest.approx(lr, rel=1e-2)
+
+
+def test_asha_rungs_saved_in_object_storage_come_back_for_a_restored_sweep(s3_server):
+    """Tune restores a sweep's scheduler as it was pickled at the start, with empty rungs; ours reads
+    the rungs it saved. A trial behind the one recorded before the interruption is stopped at the
+    rung, as it would have been without one; with nothing saved the same result passes."""
+    import s3fs
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.asha import ResumableASHA
+
+    fs = s3fs.S3FileSystem(key=s3_server["key"], secret=s3_server["secret"], endpoint_url=s3_server["endpoint_url"])
+    fs.mkdir("asha")
+    uri = "s3://asha/sweep/asha_state.pkl"
+
+    def asha():  # what Tuner.restore unpickles: a scheduler that has seen nothing
+        return ResumableASHA(uri, s3_server, time_attr="step", metric="val_loss", mode="min", max_t=4,
+                             grace_period=2, reduction_factor=2)
+
+    first, finished = asha(), Trial("row", stub=True)
+    first.on_trial_add(None, finished)
+    assert first.on_trial_result(None, finished, {"step": 2, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+    first.on_trial_complete(None, finished, {"step": 4, "val_loss": 0.5})
+    assert fs.exists("asha/sweep/asha_state.pkl") and first.recorded() == 2
+
+    restored, behind = asha(), Trial("row", stub=True)
+    restored.on_trial_add(None, behind)
+    assert restored.recorded() == 2
+    assert restored.on_trial_result(None, behind, {"step": 2, "val_loss": 3.0}) == TrialScheduler.STOP
+
+    asha().forget()  # a sweep started afresh under the same name
+    fresh, other = asha(), Trial("row", stub=True)
+    fresh.on_trial_add(None, other)
+    assert fresh.recorded() == 0
+    assert fresh.on_trial_result(None, other, {"step": 2, "val_loss": 3.0}) == TrialScheduler.CONTINUE

@@ -6,7 +6,8 @@ Every row (variant x grid point x random sample) is one Tune trial that trains t
 ``ray_jobs.train_vlm`` recipe and evaluates it (see :mod:`tune.trial`); at the end the
 ResultGrid is written as the paper's table (Markdown, CSV, PNG) with the best row as a ready
 recipe, and their paths are printed. Re-running an interrupted sweep (same name and storage)
-restores it with ``Tuner.restore``: finished trials are kept, unfinished ones continue.
+restores it with ``Tuner.restore``: finished trials are kept, unfinished ones continue, and ASHA
+keeps the rung records of the trials before the interruption (:mod:`tune.asha`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import sys
 
 from components.config import ConfigError, parse_cli, to_dict
-from components.data.storage import is_remote, pyarrow_fs
+from components.data.storage import is_remote, join, pyarrow_fs
 from ray_jobs.common import init_ray
 from tune.config import SweepConfig, recipes_of
 from tune.report import write_report
@@ -38,13 +39,16 @@ def param_space(cfg: SweepConfig) -> dict:
 
 
 def scheduler(cfg: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA (its rungs saved next to the experiment, so a resumed sweep keeps them) or None."""
+    from tune.asha import STATE_FILE, ResumableASHA
 
     s = cfg.scheduler
     if s.name == "none":
         return None
-    return ASHAScheduler(time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=s.max_t,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
+    base = cfg.storage_path if is_remote(cfg.storage_path) else os.path.abspath(cfg.storage_path)
+    return ResumableASHA(join(base, cfg.name, STATE_FILE), to_dict(cfg.storage), time_attr=s.time_attr,
+                         metric=s.metric, mode=s.mode, max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, brackets=s.brackets)
 
 
 def experiment_path(cfg: SweepConfig) -> tuple[str, object, str]:
@@ -67,7 +71,10 @@ def build_tuner(cfg: SweepConfig, recipes: dict[str, dict]):
         print(f"[sweep] resuming {exp}", flush=True)
         return tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=pfs), True
-    tune_config = tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler(cfg),
+    asha = scheduler(cfg)
+    if asha is not None:
+        asha.forget()
+    tune_config = tune.TuneConfig(num_samples=cfg.num_samples, scheduler=asha,
                                   max_concurrent_trials=cfg.max_concurrent_trials or None,
                                   reuse_actors=cfg.reuse_actors,
                                   trial_dirname_creator=lambda t: f"trial_{t.trial_id}")
