@@ -116,22 +116,39 @@ def test_ct_rate_releases_read_to_the_same_ct_numbers(tmp_path, card_name, volum
     assert inside.size and np.allclose(inside, (40 - lo) / (hi - lo), atol=1e-3)
 
 
-def test_bimcv_r_hash_split(tmp_path):
+def test_bimcv_r_matches_volumes_by_name_and_hash_splits(tmp_path):
+    """The authors' layout (volumes in CT*/ct/, a curated CSV whose path column ends in the file name,
+    English reports in Report_en) with the shipped card; and a CSV of paths relative to the root."""
     import nibabel as nib
 
-    rows = []
+    rows, plain = [], []
     for i in range(20):
-        rel = f"CT{i:04d}/ses-1/ct.nii.gz"
-        (tmp_path / rel).parent.mkdir(parents=True)
+        rel = f"CT{i // 8:02d}/ct/sub-{i:03d}_ses-1_bp-chest_ct.nii.gz"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / rel)
-        rows.append({"path": rel, "report": f"Report {i}." if i != 3 else " "})
-    _write_csv(str(tmp_path / "BIMCV-R.csv"), rows)
+        report = f"Report {i}." if i != 3 else " "
+        rows.append({"PatientID": f"sub-{i:03d}", "Report": f"Informe {i}.", "path": f"/raid/BIMCV_CT/{rel.rsplit('/', 1)[1]}",
+                     "Report_en": report})
+        plain.append({"volume": rel, "findings": report})
+    rows.append({"PatientID": "sub-999", "Report": "x", "path": "/raid/missing_ct.nii.gz", "Report_en": "Lost."})
+    (tmp_path / "meta").mkdir()
+    _write_csv(str(tmp_path / "meta" / "curated_ct_report_path_En.csv"), rows)
+    _write_csv(str(tmp_path / "plain.csv"), plain)
     a = get_adapter(load_card("bimcv_r", [f"root={tmp_path}"]))
     vols = a.volumes()
-    assert len(vols) == 20 and {v.split for v in vols} >= {"train"}
+    found = [v for v in vols if "missing" not in v.source_uri]
+    assert len(found) == 20 and all(os.path.exists(v.source_uri) for v in found) and {v.split for v in vols} >= {"train"}
+    # a name the glob does not find stays as written, for the preprocessing job to quarantine as unreadable
+    assert [v.source_uri for v in vols if "missing" in v.source_uri] == [str(tmp_path / "raid/missing_ct.nii.gz")]
     assert [v.split for v in vols] == [v.split for v in a.volumes()]  # stable
     samples, bad = a.samples()
-    assert len(samples) == 19 and bad[0]["error_type"] == "empty_text"
+    assert len(samples) == 20 and bad[0]["error_type"] == "empty_text"
+    assert {s["answer"] for s in samples} >= {"Report 0.", "Lost."}  # the English column, not the Spanish one
+
+    b = get_adapter(load_card("bimcv_r", [f"root={tmp_path}", "files={reports: plain.csv}",
+                                          "columns={path: volume, report: findings}"]))
+    assert sorted(v.source_uri for v in b.volumes()) == sorted(v.source_uri for v in found)
+    assert {v.id: v.split for v in b.volumes()} == {v.id: v.split for v in found}  # same ids, same split
 
 
 def test_phantom_adapter(phantom_dir):
