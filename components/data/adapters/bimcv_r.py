@@ -8,6 +8,7 @@ the dataset's authors load it; without it the column holds paths relative to the
 """
 from __future__ import annotations
 
+import functools
 import posixpath
 
 from components.data.adapters.base import (Adapter, hashed_split, quarantine, read_csv_rows, row_problem, sample,
@@ -24,21 +25,19 @@ class BIMCVRAdapter(Adapter):
     def _cols(self):
         return self.card.columns.get("path", "path"), self.card.columns.get("report", "Report_en")
 
+    @functools.cached_property
     def _by_name(self) -> dict[str, str] | None:
         """File name -> path relative to the root, of the volumes ``files.volumes`` finds (None: no glob)."""
         pattern = self.card.files.get("volumes")
         if not pattern:
             return None
-        if getattr(self, "_names", None) is None:
-            fs, root = open_fs(self.card.resolved_root(), self.storage)
-            root = root.rstrip("/")
-            self._names = {posixpath.basename(p): posixpath.relpath(p, root)
-                           for p in sorted(fs.glob(f"{root}/{pattern}"))}
-        return self._names
+        fs, root = open_fs(self.card.resolved_root(), self.storage)
+        root = root.rstrip("/")
+        return {posixpath.basename(p): posixpath.relpath(p, root) for p in sorted(fs.glob(f"{root}/{pattern}"))}
 
     def _rel(self, row: dict) -> str:
         value = (row.get(self._cols()[0]) or "").strip()
-        names = self._by_name()
+        names = self._by_name
         if names is None or not value:
             return value
         # a name not found stays as written: the preprocessing job quarantines it as unreadable
