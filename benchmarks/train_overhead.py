@@ -13,6 +13,9 @@
 (d) The data-wait share of step time, and one worker streaming every epoch from Parquet
     (``data.replay_mb=0``), where each epoch restarts the Ray Data pipeline.
 (e) The controller's progress callback: time per report, against the 2 s between the controller's polls.
+(f) Start-up of two workers with Ray Data's default pool of 32 Parquet footer readers against the pool
+    of one per CPU that a locally started Ray gets (``ray_jobs.common.size_ray_data_for_local``); Ray is restarted
+    for each, in this process.
 Run the quickstart (or ray_jobs.preprocess) first so the shards exist.
 """
 from __future__ import annotations
@@ -122,6 +125,29 @@ def callback_cost(reports: int = 50) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def startup_by_footer_readers(data: str, steps: int, warmup: int) -> dict[str, float]:
+    """Start-up seconds of a two-worker run on a fresh local Ray, by footer-reader pool size."""
+    import ray
+
+    from ray_jobs.common import RayConfig, init_ray
+
+    key, out = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", {}
+    before = os.environ.pop(key, None)
+    try:
+        for label, value in (("Ray default", "32"), ("one per CPU", None)):
+            ray.shutdown()
+            if value is not None:
+                os.environ[key] = value
+            init_ray(RayConfig())
+            label = f"{label} ({os.environ[key]})"
+            out[label] = ray_run(data, steps, warmup, 2, {})["startup_s"]
+            os.environ.pop(key, None)
+    finally:
+        if before is not None:
+            os.environ[key] = before
+    return out
+
+
 def _line(label: str, r: dict) -> str:
     return (f"{label:<40}{r['steps_per_s']:6.2f} steps/s   start-up {r['startup_s']:.1f} s, "
             f"teardown {r['teardown_s']:.1f} s, data-wait {100 * r['data_wait']:.1f} %, "
@@ -166,6 +192,10 @@ def main():
           f"(epochs after the first replay from memory in (b))")
     print(f"(e) controller progress callback:       {1000 * callback_cost():.1f} ms per report "
           f"(the controller polls workers every 2 s)")
+    startup = startup_by_footer_readers(args.data, steps, warmup)
+    (base, t_base), (ours, t_ours) = startup.items()
+    print(f"(f) start-up by Parquet footer readers: {base} {t_base:.1f} s, {ours} {t_ours:.1f} s "
+          f"({t_ours / t_base:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,18 @@ RUNTIME_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
                     "RADRAY_PHANTOM_ROOT", "HF_HUB_OFFLINE", "NLTK_DATA", "DS_ACCELERATOR")
 
 
+def size_ray_data_for_local(num_cpus: int | None) -> None:
+    """Size Ray Data's pools to a Ray started on this machine with ``num_cpus`` CPUs (None = all cores).
+
+    Every Parquet read lists its files through a pool of footer-reading actors, 32 by default: on a
+    laptop, 32 processes started for each dataset, about 12 s of every VLM training run on 2 cores
+    (``benchmarks/train_overhead.py``). One per CPU lists a few hundred shards as fast. The pool is sized
+    where the read is planned, in the driver, so this sets the driver's environment, which a local Ray's
+    processes inherit; a value set beforehand wins, and clusters keep Ray's default."""
+    cpus = num_cpus or os.cpu_count() or 1
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, min(32, cpus))))
+
+
 @dataclass
 class RayConfig:
     """How the job reaches Ray."""
@@ -40,6 +52,7 @@ def init_ray(cfg: RayConfig):
                  **({} if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS") else
                     {"runtime_env": kwargs["runtime_env"]}))
     else:
+        size_ray_data_for_local(cfg.num_cpus)
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)
     from ray.data import DataContext
 

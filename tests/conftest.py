@@ -35,7 +35,10 @@ def gone_pid() -> int:
 def start_local_ray(num_cpus: int = 2):
     import ray
 
+    from ray_jobs.common import size_ray_data_for_local
+
     if not ray.is_initialized():
+        size_ray_data_for_local(num_cpus)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled",
                                            "DS_ACCELERATOR": "cpu"}})

@@ -1,3 +1,4 @@
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -97,3 +98,16 @@ def test_every_shipped_config_loads(path):
 
     cfg = load(config_class_for(path), path)
     assert cfg is not None
+
+
+def test_a_local_ray_lists_parquet_with_one_footer_reader_per_cpu(monkeypatch):
+    from ray_jobs.common import size_ray_data_for_local
+
+    key = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+    for cpus, expected in ((2, "2"), (64, "32")):
+        monkeypatch.delenv(key, raising=False)
+        size_ray_data_for_local(cpus)
+        assert os.environ[key] == expected
+    monkeypatch.setenv(key, "5")  # the user's own setting stays
+    size_ray_data_for_local(2)
+    assert os.environ[key] == "5"

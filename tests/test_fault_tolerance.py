@@ -104,7 +104,10 @@ def test_losing_a_node_mid_run(train_shards, tmp_path):
     import torch
     from ray.cluster_utils import Cluster
 
+    from ray_jobs.common import size_ray_data_for_local
+
     ray.shutdown()
+    size_ray_data_for_local(2)  # the nodes share this machine's cores
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     node2 = cluster.add_node(num_cpus=2)
     try:
