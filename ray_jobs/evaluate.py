@@ -93,13 +93,15 @@ class ScorerSection:
     """The text-metric (BERTScore) deployment."""
 
     max_batch_size: int = 64
-    """Pairs scored together."""
-    batch_wait_timeout_s: float = 0.2
-    """How long a batch waits to fill."""
+    """Pairs scored together: the evaluation sends them to the scorer in chunks of this many."""
     cpus: float = 0.5
     """CPUs reserved for the scorer."""
     gpus: float = 0.0
     """GPUs for the scorer (set bertscore.device to cuda too)."""
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
 
 
 @dataclass
@@ -331,8 +333,8 @@ def serve_and_generate(cfg: EvaluateConfig, dataset: str, storage: dict, summary
                          run=cfg.run or f"{os.path.basename(cfg.model.rstrip('/'))}-{cfg.images}",
                          generation=cfg.generation,
                          model={**info["model"], "images": cfg.images, "image_seed": cfg.image_seed},
-                         text_scorer=ServeTextScorer(serve.get_deployment_handle("TextScorerServer",
-                                                                                 f"{s.app_name}-scorer")))
+                         text_scorer=ServeTextScorer(serve.get_deployment_handle("TextScorerServer", f"{s.app_name}-scorer"),
+                                                     cfg.scorer.max_batch_size))
     summary.update({"n_samples": len(rows), "generate_seconds": round(generate_s, 1),
                     "samples_per_second": round(len(rows) / generate_s, 2), "batch_sizes": info["batch_sizes"]})
     print(f"[evaluate] {len(rows)} samples in {generate_s:.1f} s", flush=True)

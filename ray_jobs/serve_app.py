@@ -4,8 +4,8 @@ evaluation stream and HTTP uploads, and a text-metric scorer deployment.
     VolumeVLMServer   the model; ``answer`` is ``@serve.batch``ed, so concurrent requests from the
                       Ray Data stream and from HTTP are generated together
     InferenceAPI      HTTP ingress: checks and preprocesses an uploaded volume, asks VolumeVLMServer
-    TextScorerServer  BLEU-1 / ROUGE-1 / METEOR / BERTScore per pair, ``@serve.batch``ed so BERTScore
-                      embeds many sentences per forward pass (a separate application, no HTTP route)
+    TextScorerServer  BLEU-1 / ROUGE-1 / METEOR / BERTScore of chunks of pairs, so BERTScore embeds
+                      many sentences per forward pass (a separate application, no HTTP route)
 """
 from __future__ import annotations
 
@@ -150,17 +150,16 @@ class InferenceAPI:
 
 @serve.deployment
 class TextScorerServer:
-    """The text metrics of (prediction, reference) pairs, batched across concurrent requests."""
+    """The text metrics of (prediction, reference) pairs, a chunk of pairs per request."""
 
-    def __init__(self, bertscore: dict, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, bertscore: dict):
         self.suite = TextMetricSuite(TextMetricSettings(bertscore=BertScoreSettings(**bertscore)))
-        self.score.set_max_batch_size(max_batch_size)
-        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.lock = asyncio.Lock()
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.1)
     async def score(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        # per-pair values do not depend on the batch (components.metrics.bertscore matches per pair)
-        result = await asyncio.to_thread(self.suite.compute, [p for p, _ in pairs], [r for _, r in pairs])
+        # one chunk at a time: concurrent chunks would only share the same CPUs
+        async with self.lock:
+            result = await asyncio.to_thread(self.suite.compute, [p for p, _ in pairs], [r for _, r in pairs])
         return [{name: values[i] for name, values in result.per_sample.items()} for i in range(len(pairs))]
 
     def describe(self) -> dict:
@@ -168,15 +167,18 @@ class TextScorerServer:
 
 
 class ServeTextScorer:
-    """:class:`components.evaluation.score.TextScorer` backed by the scorer deployment: every pair
-    is sent at once, so the deployment can batch them."""
+    """:class:`components.evaluation.score.TextScorer` backed by the scorer deployment. Pairs go in
+    chunks of ``pairs_per_request``: the quickstart's 812 pairs take 13x as long as in one process when
+    sent one per request, 2.9x in chunks of 64 (``benchmarks/serve_scoring.py``, 2 cores). Per-pair
+    values do not depend on the chunk (``components.metrics.bertscore`` matches per pair)."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, pairs_per_request: int):
+        self.handle, self.pairs_per_request = handle, pairs_per_request
 
     def compute(self, predictions, references) -> TextMetricResult:
-        responses = [self.handle.score.remote((p, r)) for p, r in zip(predictions, references)]
-        values = [response.result() for response in responses]
+        pairs, n = list(zip(predictions, references)), self.pairs_per_request
+        responses = [self.handle.score.remote(pairs[i:i + n]) for i in range(0, len(pairs), n)]
+        values = [v for response in responses for v in response.result()]
         names = list(values[0]) if values else []
         per_sample = {name: [v[name] for v in values] for name in names}
         mean = {name: sum(v) / len(v) for name, v in per_sample.items()}
@@ -198,7 +200,6 @@ def vlm_app(cfg, spec: dict):
 def scorer_app(cfg):
     s = cfg.scorer
     return TextScorerServer.options(
-        max_ongoing_requests=max(s.max_batch_size * 2, 100),
-        ray_actor_options={"num_cpus": s.cpus, "num_gpus": s.gpus},
-    ).bind(asdict(cfg.bertscore), s.max_batch_size, s.batch_wait_timeout_s)
+        max_ongoing_requests=100, ray_actor_options={"num_cpus": s.cpus, "num_gpus": s.gpus},
+    ).bind(asdict(cfg.bertscore))
 

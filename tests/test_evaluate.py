@@ -138,6 +138,27 @@ def test_serve_evaluation_writes_predictions_results_and_tables(served):
     assert max(summary["batch_sizes"]) > 1
 
 
+def test_scorer_chunks_give_the_values_of_one_process(served):
+    """The scorer deployment takes the pairs in chunks; every chunking gives each pair its own values."""
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from components.metrics.text import TextMetricSettings, TextMetricSuite
+    from ray_jobs.serve_app import ServeTextScorer
+
+    cfg, summary = served
+    rows = [r for r in pq.read_table(summary["predictions"]).to_pylist() if r["task"] in ("caption", "vqa_open")]
+    predictions, references = [r["prediction"] for r in rows], [r["answer"] for r in rows]
+    local = TextMetricSuite(TextMetricSettings(bertscore=cfg.bertscore)).compute(predictions, references)
+    handle = serve.get_deployment_handle("TextScorerServer", f"{cfg.serve.app_name}-scorer")
+    for chunk in (1, 3):
+        served_values = ServeTextScorer(handle, chunk).compute(predictions, references)
+        for name, values in local.per_sample.items():
+            assert served_values.per_sample[name] == pytest.approx(values, abs=1e-5), (chunk, name)
+            # the evaluation itself sent them in one chunk
+            assert [r[name] for r in rows] == pytest.approx(values, abs=1e-5), name
+
+
 def _nifti_bytes(phantom_dir: str) -> bytes:
     volumes = Path(phantom_dir) / "volumes"
     return next(iter(sorted(volumes.glob("*.nii.gz")))).read_bytes()
@@ -251,6 +272,8 @@ def test_config_refuses_batches_larger_than_ongoing_requests():
         from_dict(EvaluateConfig, {"model": "m", "serve": {"max_batch_size": 16, "max_ongoing_requests": 8}})
     with pytest.raises(ConfigError, match="do_sample"):
         from_dict(EvaluateConfig, {"model": "m", "generation": {"do_sample": "false"}})
+    with pytest.raises(ConfigError, match="scorer.*max_batch_size"):
+        from_dict(EvaluateConfig, {"model": "m", "scorer": {"max_batch_size": 0}})
 
 
 def _recalls_by_argsort(images: np.ndarray, texts: np.ndarray, n: int, k: int) -> tuple[float, float]:
