@@ -12,8 +12,8 @@ def size_ray_data_for_local(num_cpus: int | None) -> None:
     """Size Ray Data's pools to a Ray started on this machine with ``num_cpus`` CPUs (None = all cores).
 
     Every Parquet read lists its files through a pool of footer-reading actors, 32 by default: on a
-    laptop, 32 processes started for each dataset, about 12 s of every VLM training run on 2 cores
-    (``benchmarks/train_overhead.py``). One per CPU lists a few hundred shards as fast. The pool is sized
+    laptop, 32 processes started for each dataset, about 10 s of every training run's start-up on 2 cores
+    (``benchmarks/train_overhead.py``, part (f)). One per CPU lists a few hundred shards as fast. The pool is sized
     where the read is planned, in the driver, so this sets the driver's environment, which a local Ray's
     processes inherit; a value set beforehand wins, and clusters keep Ray's default."""
     cpus = num_cpus or os.cpu_count() or 1

@@ -168,8 +168,8 @@ class TextScorerServer:
 
 class ServeTextScorer:
     """:class:`components.evaluation.score.TextScorer` backed by the scorer deployment. Pairs go in
-    chunks of ``pairs_per_request``: the quickstart's 812 pairs take 13x as long as in one process when
-    sent one per request, 2.9x in chunks of 64 (``benchmarks/serve_scoring.py``, 2 cores). Per-pair
+    chunks of ``pairs_per_request``: 812 pairs (the quickstart's count) take 13x as long as in one
+    process when sent one per request, 2.9x in chunks of 64 (``benchmarks/serve_scoring.py``, 2 cores). Per-pair
     values do not depend on the chunk (``components.metrics.bertscore`` matches per pair)."""
 
     def __init__(self, handle, pairs_per_request: int):
