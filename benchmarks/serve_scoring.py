@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import asdict
 
 
 def main() -> None:
@@ -40,8 +41,6 @@ def main() -> None:
 
     init_ray(RayConfig(num_cpus=2))
     serve.start()
-    from dataclasses import asdict
-
     app = TextScorerServer.options(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=100)
     serve.run(app.bind(asdict(bertscore)), name="bench-scorer", route_prefix=None)
     handle = serve.get_deployment_handle("TextScorerServer", "bench-scorer")
