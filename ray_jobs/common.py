@@ -28,8 +28,10 @@ class RayConfig:
     """Cluster address; None joins the cluster of ``ray job submit`` (RAY_ADDRESS) or starts a local one."""
     num_cpus: int | None = None
     """CPUs of a locally started Ray; None = all cores."""
-    include_dashboard: bool = False
-    """Start the dashboard with a local Ray (a cluster has its own)."""
+    include_dashboard: bool = True
+    """Start the dashboard with a local Ray (a cluster has its own). Ray Train asks its state API, once a
+    second, whether a run's controller is still alive; without it every training run prints a warning
+    each time."""
 
 
 def init_ray(cfg: RayConfig):

@@ -188,12 +188,15 @@ class ServeTextScorer:
 def vlm_app(cfg, spec: dict):
     """The application: HTTP ingress bound to the VolumeVLM deployment, sized from ``cfg.serve``."""
     s = cfg.serve
+    # a batch evaluation sends every sample as a request: an access log line each would bury the progress
+    logs = {"enable_access_log": not cfg.batch}
     vlm = VolumeVLMServer.options(
         num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}, logging_config=logs,
     ).bind(cfg.model, to_dict(cfg.storage), asdict(cfg.generation), s.max_batch_size, s.batch_wait_timeout_s,
            max(1, int(s.cpus_per_replica)), s.gpus_per_replica > 0)
-    api = InferenceAPI.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(100, s.max_ongoing_requests))
+    api = InferenceAPI.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=max(100, s.max_ongoing_requests),
+                               logging_config=logs)
     return api.bind(vlm, spec, int(s.max_upload_mb * 1024**2), int(s.max_volume_mb * 1024**2))
 
 
@@ -201,5 +204,6 @@ def scorer_app(cfg):
     s = cfg.scorer
     return TextScorerServer.options(
         max_ongoing_requests=100, ray_actor_options={"num_cpus": s.cpus, "num_gpus": s.gpus},
+        logging_config={"enable_access_log": False},  # only a batch evaluation calls it
     ).bind(asdict(cfg.bertscore))
 

@@ -115,6 +115,9 @@ def training_dataset(cfg, stage, split: str | None = None):
         ds, rows = ds.limit(cfg.data.limit), min(rows, cfg.data.limit)
     if rows == 0:
         raise ValueError(f"no training rows in {cfg.data.path} (split {split!r}); run ray_jobs.preprocess first")
+    # The loop reports its own progress. Ray Data would draw its bars inside the split coordinator, and
+    # they would reach the driver as one log line per refresh, hundreds per run.
+    ds.context.enable_progress_bars = False
     return ds, rows
 
 

@@ -111,3 +111,19 @@ def test_a_local_ray_lists_parquet_with_one_footer_reader_per_cpu(monkeypatch):
     monkeypatch.setenv(key, "5")  # the user's own setting stays
     size_ray_data_for_local(2)
     assert os.environ[key] == "5"
+
+
+def test_a_local_ray_answers_ray_trains_state_queries():
+    """Ray Train's placement-group cleaner asks the state API once a second whether a run's controller
+    is alive; a local Ray without it would print a warning each time for the whole run."""
+    import subprocess
+    import sys
+
+    probe = ("from ray_jobs.common import RayConfig, init_ray\n"
+             "init_ray(RayConfig(num_cpus=1))\n"
+             "from ray.util.state import list_nodes\n"
+             "print('nodes', len(list_nodes()))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, env=env, timeout=180)
+    assert done.returncode == 0 and "nodes 1" in done.stdout, done.stderr[-2000:]

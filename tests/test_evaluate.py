@@ -138,6 +138,20 @@ def test_serve_evaluation_writes_predictions_results_and_tables(served):
     assert max(summary["batch_sizes"]) > 1
 
 
+def test_a_batch_evaluation_writes_no_access_log_line_per_sample(served):
+    import glob
+
+    import ray
+
+    cfg, summary = served
+    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    replicas = [f for d in ("VolumeVLMServer", "InferenceAPI", "TextScorerServer")
+                for f in glob.glob(os.path.join(logs, f"replica_{cfg.serve.app_name}*_{d}_*.log"))]
+    assert replicas, f"no replica logs of {cfg.serve.app_name} in {logs}"
+    calls = [line for f in replicas for line in open(f, encoding="utf-8") if " -- CALL " in line]
+    assert summary["n_samples"] > 0 and calls == []
+
+
 def test_scorer_chunks_give_the_values_of_one_process(served):
     """The scorer deployment takes the pairs in chunks; every chunking gives each pair its own values."""
     import pyarrow.parquet as pq
