@@ -96,8 +96,7 @@ def training_dataset(cfg, stage, split: str | None = None):
     pfs, path = pyarrow_fs(join(cfg.data.path, "volumes"), storage)
     # fractional CPUs keep streaming alive next to training workers on small machines
     cpus = cfg.data.cpus_per_task
-    vols = ray.data.read_parquet(path, filesystem=pfs, columns=["id", "split", "volume"],
-                                 ray_remote_args={"num_cpus": cpus})
+    vols = ray.data.read_parquet(path, filesystem=pfs, columns=["id", "split", "volume"], num_cpus=cpus)
     split = split or cfg.data.split
     vols = vols.filter(lambda r: r["split"] == split, num_cpus=cpus)
     ids = split_ids(path, pfs, split)
