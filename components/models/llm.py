@@ -32,14 +32,33 @@ def _cache_root(spec: LLMSpec) -> Path:
     return Path(os.path.expanduser(root))
 
 
+def _gguf_cache_dir(spec: LLMSpec) -> tuple[Path, Path]:
+    """``(GGUF file, its cache folder)``; the folder's name changes when the file does."""
+    src = Path(resolve_path(spec.path)) / spec.gguf_file
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return src, _cache_root(spec) / "gguf" / f"{src.stem}-{key}"
+
+
+def _save_once(target: Path, *parts) -> Path:
+    """Write ``parts`` (objects with ``save_pretrained``) into ``target`` unless another process got there
+    first: they go to a private folder that is renamed into place."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:
+        part.save_pretrained(str(tmp))
+    if target.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
 def _dequantised_gguf(spec: LLMSpec) -> Path:
     """Dequantise ``path/gguf_file`` once into a safetensors model + tokenizer directory and reuse it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(resolve_path(spec.path)) / spec.gguf_file
-    stat = src.stat()
-    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = _cache_root(spec) / "gguf" / f"{src.stem}-{key}"
+    src, target = _gguf_cache_dir(spec)
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
@@ -49,15 +68,21 @@ def _dequantised_gguf(spec: LLMSpec) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    return target
+    return _save_once(target, model, tokenizer)
+
+
+def _gguf_tokenizer_dir(spec: LLMSpec) -> Path:
+    """The GGUF's tokenizer alone, cached on first use. Dequantising every tensor of the model (about 25 s
+    for SmolLM2-135M on 2 cores) is wasted when the weights come from config; the tokenizer takes 5 s."""
+    from transformers import AutoTokenizer
+
+    src, full = _gguf_cache_dir(spec)
+    if (full / "tokenizer_config.json").exists():
+        return full
+    target = full.with_name(full.name + "-tokenizer")
+    if (target / "tokenizer_config.json").exists():
+        return target
+    return _save_once(target, AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name))
 
 
 def _model_dir(spec: LLMSpec) -> str:
@@ -90,7 +115,8 @@ def build_tokenizer(spec: LLMSpec | dict):
     if spec.source == "config" and not (spec.path and spec.gguf_file):
         raise ConfigError("llm.tokenizer: a model built from config needs a tokenizer directory "
                           "(or path + gguf_file to take the tokenizer of a GGUF model)")
-    return AutoTokenizer.from_pretrained(_model_dir(spec), local_files_only=True)
+    folder = _gguf_tokenizer_dir(spec) if spec.gguf_file else _model_dir(spec)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def build_llm(spec: LLMSpec | dict, with_tokenizer: bool = True):
