@@ -334,6 +334,8 @@ def test_slice_encoder_pretrains_through_attention_pooling_and_exports_for_tgis(
     batch = tokenizer(REPORTS, padding=True, return_tensors="pt")
     model(volume, batch["input_ids"], batch["attention_mask"])["loss"].backward()
     assert_every_parameter_has_grad(model)
+    # checkpoints written while the slice score had its inert bias still load
+    model.slice_pool.load_state_dict({**model.slice_pool.state_dict(), "score.bias": torch.zeros(1)})
 
     stage.save_model(model, {k: v.detach() for k, v in model.state_dict().items()}, str(tmp_path / "model"))
     loaded = build_encoder(dataclasses.replace(spec, checkpoint=str(tmp_path)))

@@ -133,7 +133,12 @@ class SliceAttentionPool(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.token_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.score = nn.Linear(dim, 1)
+        # no bias: the softmax over slices cancels any constant, so a bias gets no gradient and never trains
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "score.bias", None)  # written by versions whose score had the inert bias
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: torch.Tensor, return_weights: bool = False):
         per_slice = self.token_mlp(features).mean(dim=2)                      # (B, N, D)
