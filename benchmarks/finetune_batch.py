@@ -13,16 +13,17 @@ loop's own work) is paid half as often per sample with batches of 8. Run the qui
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 
 
 def checkpoint(runs: str, name: str) -> str:
-    found = sorted(glob.glob(os.path.join(runs, name, "checkpoint_2*")))
-    if not found:
-        raise SystemExit(f"no {name} checkpoint under {runs}: run `python -m ray_jobs.quickstart` first")
-    return os.path.abspath(found[-1])
+    from components.training.loop import find_checkpoint
+
+    try:
+        return os.path.abspath(find_checkpoint(os.path.join(runs, name))[1])
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}: run `python -m ray_jobs.quickstart` first") from None
 
 
 def steady_rate(metrics_path: str) -> float:
